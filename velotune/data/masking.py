@@ -1,0 +1,126 @@
+"""Tokenize one conversation or text into input_ids and labels, masking everything the model should not learn.
+
+Pure functions of (row content, tokenizer, template): tokenizing a row depends on nothing else, so rows can later be
+tokenized in parallel and cached. Labels are aligned with input_ids (the model shifts them); IGNORE marks masked
+tokens.
+
+Assistant spans are found on the rendered text, not on tokens: the conversation up to turn i rendered with the
+generation prompt ends where turn i's content starts; rendered through turn i it ends after the turn's closing
+marker. Everything the model must generate after the generation prompt is a target, up to and including the
+closing marker (whitespace after it is not). Tokens whose characters overlap a span (the tokenizer's offset mapping)
+are targets.
+"""
+
+from velotune.data.templates import render
+from velotune.errors import DataError
+
+IGNORE = -100
+
+
+def _tokenize_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as e:
+        raise DataError(
+            f"tokenizer {type(tokenizer).__name__} cannot map tokens to characters (a 'slow' Python tokenizer); "
+            f"load a fast one (AutoTokenizer.from_pretrained(..., use_fast=True))"
+        ) from e
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _trim_end(text: str, start: int, end: int) -> tuple[int, int]:
+    """Drop whitespace after the closing marker (e.g. the newline after <|im_end|>): generation stops before it."""
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
+def _rewritten(source: str) -> DataError:
+    return DataError(
+        f"{source}: the chat template changes assistant text when rendering it (for example it drops <think> "
+        f"blocks from earlier turns), so the target tokens cannot be found; set data.template to a built-in template"
+    )
+
+
+def _turn_end(full: str, start: int, through: str, content: str, source: str) -> int:
+    """End of the assistant turn starting at `start` when history renders differently from the final turn.
+
+    The closing marker is what the template writes after the content when the turn is last; the turn ends at its
+    first occurrence after `start`.
+    """
+    at = through.rfind(content) if content else -1
+    closer = through[at + len(content) :].strip() if at >= 0 else ""
+    if closer:
+        found = full.find(closer, start)
+        if found >= 0:
+            return found + len(closer)
+    elif content and full.startswith(content, start):
+        return start + len(content)
+    raise _rewritten(source)
+
+
+def assistant_spans(
+    messages: list[dict], tokenizer, chat_template: str, full: str, source: str = "conversation"
+) -> list[tuple[int, int]]:
+    """Character spans of `full` (the rendered conversation) holding each assistant turn and its closing marker.
+
+    Templates that render earlier turns differently from the last one (e.g. dropping <think> blocks from history)
+    are handled by locating the turn's start or closing marker in `full` instead.
+    """
+    spans, cursor = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:i], tokenizer, chat_template, add_generation_prompt=True, source=source)
+        through = render(messages[: i + 1], tokenizer, chat_template, source=source)
+        if full.startswith(before) and len(before) >= cursor:
+            start = len(before)
+        else:
+            needle = message["content"].strip()
+            start = full.find(needle, cursor) if needle else -1
+            if start < 0:
+                raise _rewritten(source)
+        if full.startswith(through) and len(through) > start:
+            end = len(through)
+        else:
+            end = _turn_end(full, start, through, message["content"], source)
+        start, end = _trim_end(full, start, end)
+        if end > start:
+            spans.append((start, end))
+        cursor = max(cursor, end)
+    return spans
+
+
+def _labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    labels = [IGNORE] * len(ids)
+    k = 0
+    for t, (s, e) in enumerate(offsets):
+        while k < len(spans) and spans[k][1] <= s:
+            k += 1
+        if k == len(spans):
+            break
+        a, b = spans[k]
+        if (s < b and e > a) or (s == e and a <= s < b):
+            labels[t] = ids[t]
+    return labels
+
+
+def tokenize_conversation(
+    messages: list[dict], tokenizer, chat_template: str, *, train_on: str = "responses", source: str = "conversation"
+) -> tuple[list[int], list[int]]:
+    """input_ids and labels for a conversation; with train_on="responses" only assistant turns are targets."""
+    full = render(messages, tokenizer, chat_template, source=source)
+    ids, offsets = _tokenize_with_offsets(tokenizer, full)
+    if train_on == "all":
+        return ids, list(ids)
+    spans = assistant_spans(messages, tokenizer, chat_template, full, source)
+    return ids, _labels_from_spans(ids, offsets, spans)
+
+
+def tokenize_text(text: str, tokenizer) -> tuple[list[int], list[int]]:
+    """input_ids and labels for plain text: the tokenizer's own BOS if it adds one, the text, then EOS; all targets."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids, list(ids)

@@ -1,0 +1,89 @@
+"""Attach LoRA to a model's linear layers, freeze the rest, and merge the result back into plain weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from velotune.errors import ConfigError
+from velotune.lora.layers import LoRALinear
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    """PEFT's names: r, lora_alpha, lora_dropout, target_modules, use_rslora, bias."""
+
+    r: int = 16
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    use_rslora: bool = False
+    bias: str = "none"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            self.target_modules = (
+                list(ALL_PROJECTIONS) if self.target_modules == "all-linear" else [self.target_modules]
+            )
+        if self.r <= 0:
+            raise ConfigError(f"lora_r must be a positive integer, got {self.r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias != "none":
+            raise ConfigError(f"bias={self.bias!r} is not supported; velotune trains LoRA with bias='none'")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return hasattr(module, "in_features") and hasattr(module, "out_features") and not isinstance(module, LoRALinear)
+
+
+def get_peft_model(model: nn.Module, config: LoRAConfig | None = None, **kwargs: object) -> nn.Module:
+    """Freeze every parameter of `model` and wrap the target linear layers with trainable LoRA (in place)."""
+    cfg = config or LoRAConfig(**kwargs)  # type: ignore[arg-type]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if _is_linear(mod) and name.rsplit(".", 1)[-1] in cfg.target_modules
+    ]
+    if not targets:
+        available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+        raise ConfigError(
+            f"lora target_modules {cfg.target_modules} match no layer; linear layers are: {', '.join(available)}"
+        )
+    for name, mod in targets:
+        parent, _, leaf = name.rpartition(".")
+        setattr(
+            model.get_submodule(parent), leaf, LoRALinear(mod, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
+        )
+    model.lora_config = cfg
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by an nn.Linear holding W + B @ A * scaling (in place), in the base dtype."""
+    for name, layer in lora_layers(model).items():
+        base = layer.base_layer
+        weight = base.dequantize() if hasattr(base, "dequantize") else base.weight
+        merged = nn.Linear(
+            layer.in_features, layer.out_features, bias=base.bias is not None, device=weight.device, dtype=weight.dtype
+        )
+        merged.weight.copy_((weight.float() + layer.delta_weight()).to(weight.dtype))
+        if base.bias is not None:
+            merged.bias.copy_(base.bias)
+        merged.requires_grad_(False)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, merged)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model

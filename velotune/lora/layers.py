@@ -1,0 +1,43 @@
+"""LoRA layers velotune owns, so the LoRA matmuls can be fused with the base projection.
+
+y = base(x) + (dropout(x) @ A^T @ B^T) * scaling, with scaling = alpha / r (or alpha / sqrt(r) for rsLoRA).
+The frozen base may be any linear module with in_features/out_features (nn.Linear, or a 4-/8-bit one from
+velotune.quant). A and B are kept in fp32 (stable AdamW updates) and cast to the activation dtype in forward.
+Parameter names follow PEFT's (base_layer, lora_A, lora_B) so adapters map one to one onto its files.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    def __init__(
+        self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        device = next(base_layer.buffers(), None)
+        device = base_layer.weight.device if hasattr(base_layer, "weight") else device.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init; B = 0 so the start is exact
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # [..., out]
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return y + (self.dropout(x) @ a.t() @ b.t()) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """B @ A * scaling, [out, in] in fp32."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"

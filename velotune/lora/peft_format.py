@@ -1,0 +1,89 @@
+"""Adapters in PEFT's file format: adapter_config.json + adapter_model.safetensors.
+
+Keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, which is what
+`peft.PeftModel.from_pretrained` reads for a transformers model with the same module names as ours.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from velotune.errors import ModelLoadError
+from velotune.lora.apply import LoRAConfig, get_peft_model, lora_layers
+
+PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, layer in lora_layers(model).items():
+        out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().to("cpu", dtype).contiguous()
+        out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().to("cpu", dtype).contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """Write the model's LoRA weights and config in PEFT's layout; returns the directory."""
+    cfg: LoRAConfig = model.lora_config
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state_dict(model), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": sorted(cfg.target_modules),
+        "use_rslora": cfg.use_rslora,
+        "use_dora": False,
+        "bias": cfg.bias,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Attach the PEFT adapter in `adapter_dir` to `model` (in place); every adapter tensor must find its layer."""
+    path = Path(adapter_dir)
+    cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not cfg_file.exists() or not weights.exists():
+        raise ModelLoadError(f"{path}: expected adapter_config.json and adapter_model.safetensors (a PEFT adapter)")
+    raw = json.loads(cfg_file.read_text())
+    if raw.get("peft_type", "LORA") != "LORA" or raw.get("use_dora"):
+        raise ModelLoadError(f"{cfg_file}: only plain LoRA adapters can be loaded (found {raw.get('peft_type')})")
+    cfg = LoRAConfig(
+        r=raw["r"],
+        lora_alpha=raw["lora_alpha"],
+        target_modules=list(raw["target_modules"]),
+        use_rslora=raw.get("use_rslora", False),
+    )
+    get_peft_model(model, cfg)
+    tensors = load_file(str(weights))
+    layers = lora_layers(model)
+    used = set()
+    for name, layer in layers.items():
+        for part in ("lora_A", "lora_B"):
+            key = f"{PREFIX}{name}.{part}.weight"
+            if key not in tensors:
+                raise ModelLoadError(f"{weights}: no tensor {key} for layer {name}")
+            getattr(layer, part).data.copy_(tensors[key])
+            used.add(key)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise ModelLoadError(f"{weights}: tensors with no matching layer: {', '.join(extra[:5])}")
+    return model

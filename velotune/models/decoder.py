@@ -1,0 +1,314 @@
+"""The one decoder: Llama, Qwen2/3, Mistral, Gemma 2/3 and Phi-3 are configurations of these modules.
+
+Module and parameter names follow Hugging Face's (model.layers.N.self_attn.q_proj.weight ...), so safetensors
+checkpoints load without renaming and LoRA targets keep the names users know. Every op that a fused kernel
+replaces is called through velotune.kernels, never inlined here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from velotune.kernels.attention import attention
+from velotune.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from velotune.kernels.glu import GATED_ACTIVATIONS
+from velotune.kernels.rms_norm import rms_norm
+from velotune.kernels.rope import apply_rope
+from velotune.models.config import ModelConfig
+from velotune.models.rope import inv_frequencies, rope_tables
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim) if offset == 0 else torch.zeros(dim))
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.offset)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one (k, v) pair per layer, for generation."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        first = self.layers[0]
+        return 0 if first is None else first[0].shape[2]
+
+    def update(self, idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prev = self.layers[idx]
+        if prev is not None:
+            k, v = torch.cat((prev[0], k), dim=2), torch.cat((prev[1], v), dim=2)
+        self.layers[idx] = (k, v)
+        return k, v
+
+
+@dataclass
+class AttentionMasks:
+    """Per-forward masks: `full` for global layers, `sliding` for sliding-window layers (None = plain causal)."""
+
+    full: torch.Tensor | None
+    sliding: torch.Tensor | None
+    causal: bool
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        hd, h = cfg.head_dim, cfg.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim, self.layer = cfg.num_heads, cfg.num_kv_heads, hd, layer
+        self.q_proj = nn.Linear(h, cfg.num_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, h, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_offset)
+        self.qk_norm = cfg.qk_norm
+        self.scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
+        self.softcap = cfg.attn_logit_softcap
+        self.sliding = cfg.is_sliding(layer)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        masks: AttentionMasks,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hk, T, D]
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        mask = masks.sliding if self.sliding else masks.full
+        out = attention(q, k, v, mask, masks.causal and mask is None, self.scale, self.softcap)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+        self.act = GATED_ACTIVATIONS[cfg.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        eps, off = cfg.rms_norm_eps, cfg.norm_offset
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        self.mlp = MLP(cfg)
+        self.sandwich = cfg.sandwich_norm
+        if self.sandwich:  # Gemma: post_attention_layernorm closes attention; these two wrap the MLP
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], masks: AttentionMasks, cache: KVCache | None
+    ) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), rope, masks, cache)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """Embeddings, decoder layers and the final norm (Hugging Face's `model.` prefix)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+
+
+@dataclass
+class CausalLMOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    num_targets: torch.Tensor | None = None  # target tokens in this batch (after the shift)
+
+    def __getitem__(self, key: str | int) -> torch.Tensor | None:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return tuple(v for v in (self.loss, self.logits) if v is not None)[key]
+
+
+def build_masks(
+    cfg: ModelConfig,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    q_len: int,
+    k_len: int,
+) -> AttentionMasks:
+    """Boolean masks for this forward, or None where plain causal attention (the fast path) is exact.
+
+    Packed sequences are recognised by position ids that restart at 0; padding by zeros in attention_mask;
+    sliding layers need a mask only when the sequence is longer than the window.
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    packed = q_len == k_len and q_len > 1 and bool((position_ids[:, 1:] == 0).any())
+    window = cfg.sliding_window if cfg.sliding_window and k_len > cfg.sliding_window else None
+    if q_len == 1 and not padded and window is None:
+        return AttentionMasks(None, None, causal=False)
+    if not (padded or packed or window):
+        return AttentionMasks(None, None, causal=True)
+    dev = position_ids.device
+    qi = torch.arange(k_len - q_len, k_len, device=dev)[:, None]  # [Tq, 1] absolute index of each query
+    ki = torch.arange(k_len, device=dev)[None, :]  # [1, Tk]
+    base = (ki <= qi)[None, None]  # [1, 1, Tq, Tk]
+    if packed:
+        doc = torch.cumsum(position_ids == 0, dim=-1)  # [B, T]
+        base = base & (doc[:, None, :, None] == doc[:, None, None, :])
+    if padded:
+        base = base & attention_mask[:, None, None, :k_len].bool()
+    diag = ki == qi  # a query always sees itself, so fully padded rows stay finite
+    full = base | diag
+    sliding = None
+    if cfg.sliding_window:
+        sliding = (base & (qi - ki < cfg.sliding_window)) | diag if window else full
+    return AttentionMasks(full.expand(position_ids.shape[0], -1, -1, -1), sliding, causal=False)
+
+
+def shifted_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token targets [B, T-1] for labels [B, T]; a token starting a packed example (position 0) is no target."""
+    targets = labels[:, 1:]
+    if position_ids is not None:
+        targets = targets.masked_fill(position_ids[:, 1:] == 0, IGNORE_INDEX)
+    return targets
+
+
+def count_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> int:
+    """Tokens that carry loss in a batch: the normaliser of the loss across accumulated micro-batches."""
+    return int((shifted_targets(labels, position_ids) != IGNORE_INDEX).sum())
+
+
+class CausalLM(nn.Module):
+    """Decoder + LM head. forward() returns the loss without materialising logits when labels are given."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self.register_buffer("inv_freq", inv_frequencies(cfg), persistent=False)
+        if cfg.rope_local_theta is not None:
+            self.register_buffer("inv_freq_local", inv_frequencies(cfg, cfg.rope_local_theta), persistent=False)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype, layer: DecoderLayer, tables: dict) -> tuple:
+        local = layer.self_attn.sliding and self.config.rope_local_theta is not None
+        if local not in tables:
+            tables[local] = rope_tables(self.inv_freq_local if local else self.inv_freq, position_ids, dtype)
+        return tables[local]
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, T, H] for input_ids [B, T]."""
+        b, t = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        x = self.model.embed_tokens(input_ids)  # [B, T, H]
+        if self.config.embedding_scale is not None:
+            x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
+        masks = build_masks(self.config, position_ids, attention_mask, t, past + t)
+        tables: dict = {}
+        for layer in self.model.layers:
+            rope = self._rope(position_ids, x.dtype, layer, tables)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rope, masks, cache, use_reentrant=False)
+            else:
+                x = layer(x, rope, masks, cache)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcap
+        return cap * torch.tanh(logits / cap) if cap is not None else logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_logits: bool | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """Loss (sum over target tokens / num_items_in_batch, or their mean) and/or logits.
+
+        labels [B, T] are aligned with input_ids (shifted here); -100 marks tokens without loss. A target whose
+        position id is 0 starts a new packed example and is never predicted from the previous one.
+        """
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        out = CausalLMOutput()
+        if labels is not None:
+            targets = shifted_targets(labels, position_ids)
+            keep = targets.reshape(-1) != IGNORE_INDEX
+            h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]  # [N, H] only tokens with a target
+            cap = self.config.final_logit_softcap
+            total = linear_cross_entropy(h, self.lm_head.weight, targets.reshape(-1)[keep], cap)
+            count = keep.sum()
+            denom = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
+            out.loss = total / denom
+            out.num_targets = count
+        if labels is None or return_logits:
+            kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            out.logits = self.logits(kept)
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+
+def num_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in module.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total

