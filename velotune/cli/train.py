@@ -21,7 +21,7 @@ def add_parser(sub: Any) -> None:
         f"Keys: {', '.join(sorted(KEYS))}.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", nargs="?", help="YAML file of config keys")
+    p.usage = "velotune train [CONFIG.yaml] [--key value ...] [--no_progress]"
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
@@ -50,9 +50,10 @@ def parse_overrides(extra: list[str]) -> dict[str, Any]:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from velotune.train.run import run as run_training
 
-    values = load_yaml(args.config) if args.config else {}
+    config = extra.pop(0) if extra and not extra[0].startswith("--") else None
+    values = load_yaml(config) if config else {}
     values.update(parse_overrides(extra))
-    cfg = run_config_from_dict(with_defaults(values), source=args.config or "command line")
+    cfg = run_config_from_dict(with_defaults(values), source=config or "command line")
     result = run_training(cfg, progress=not args.no_progress)
     tr = result.train
     print(

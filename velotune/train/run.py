@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from velotune.data import build_datasets
-from velotune.errors import ConfigError
+from velotune.errors import ConfigError, DataError
 from velotune.lora.apply import get_peft_model, merge_lora
 from velotune.lora.peft_format import save_adapter
 from velotune.models.decoder import num_parameters
@@ -46,6 +46,13 @@ def run_dir_for(cfg: RunConfig) -> Path:
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_paths(cfg: RunConfig) -> None:
+    """Fail on a missing dataset file before spending time loading the model."""
+    for key, value in (("dataset", cfg.data.path), ("eval_dataset", cfg.data.eval_path)):
+        if value is not None and "://" not in value and not Path(value).exists():
+            raise DataError(f"{key} {value!r} does not exist; give the path of a .jsonl, .json, .csv or .parquet file")
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -57,6 +64,7 @@ class RunResult:
 
 def run(cfg: RunConfig, progress: bool = True, log: Callable[[str], Any] = print) -> RunResult:
     """Fine-tune as `cfg` says and write the run directory; returns what happened."""
+    check_paths(cfg)
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(cfg.train.dtype, device)
     torch.manual_seed(cfg.train.seed)
