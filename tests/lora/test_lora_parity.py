@@ -1,7 +1,8 @@
 """LoRA gradients against PEFT on the same base and adapter weights."""
 
 import torch
-from peft import LoraConfig, get_peft_model as peft_get_peft_model
+from peft import LoraConfig
+from peft import get_peft_model as peft_get_peft_model
 
 from tests.helpers import velotune_from_hf
 from velotune.lora.apply import ALL_PROJECTIONS, get_peft_model, lora_layers

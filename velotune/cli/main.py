@@ -16,7 +16,7 @@ COMMANDS = {"train": train_cmd, "generate": generate_cmd}
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="velotune", description="Fast, memory-lean LLM fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         module.add_parser(sub)
     args, extra = parser.parse_known_args(argv)
     module = COMMANDS[args.command]

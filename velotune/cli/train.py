@@ -71,9 +71,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
         samples = held_out_samples(cfg.data, 3)
         for s, ba, aa in zip(samples, b.answers, a.answers, strict=False):
-            print(
-                f"  prompt: {s.prompt[-1]['content']}\n    reference: {s.reference}\n    base:  {ba!r}\n    tuned: {aa!r}"
-            )
+            print(f"  prompt: {s.prompt[-1]['content']}\n    reference: {s.reference}")
+            print(f"    base:  {ba!r}\n    tuned: {aa!r}")
     print(
         f"\nsaved to {result.run_dir}/: adapter/ (PEFT), metrics.jsonl, config.yaml, summary.json"
         + (", merged/" if (result.run_dir / "merged").exists() else "")
