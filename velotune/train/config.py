@@ -35,6 +35,8 @@ class TrainConfig:
     output_dir: str | None = None  # None: runs/<model>-<timestamp>
     finetuning: str = "lora"  # lora | full
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    load_in_4bit: bool = False  # NF4 base weights (QLoRA); bitsandbytes 4-bit checkpoints load as stored
+    load_in_8bit: bool = False  # int8 base weights
     learning_rate: float = 2e-4
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
@@ -57,6 +59,10 @@ class TrainConfig:
     max_new_tokens: int = 32  # generation length for the before/after comparison
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
+    @property
+    def quantization(self) -> str | None:
+        return "nf4" if self.load_in_4bit else "int8" if self.load_in_8bit else None
+
     def __post_init__(self) -> None:
         _choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _choice("optim", self.optim, OPTIMIZERS)
@@ -67,6 +73,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("load_in_4bit and load_in_8bit are both set; choose one")
+        if (self.load_in_4bit or self.load_in_8bit) and self.finetuning == "full":
+            raise ConfigError("full fine-tuning needs 16-bit weights; drop load_in_4bit/load_in_8bit or use LoRA")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set max_steps or num_train_epochs to a positive value")
 

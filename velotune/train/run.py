@@ -17,7 +17,7 @@ from velotune.errors import ConfigError, DataError
 from velotune.lora.apply import get_peft_model, merge_lora
 from velotune.lora.peft_format import save_adapter
 from velotune.models.decoder import num_parameters
-from velotune.models.load import load_model
+from velotune.quant.loading import load_quantized
 from velotune.train.compare import Score, held_out_samples, score
 from velotune.train.config import RunConfig
 from velotune.train.loop import Trainer, TrainResult, evaluate_loss
@@ -68,7 +68,7 @@ def run(cfg: RunConfig, progress: bool = True, log: Callable[[str], Any] = print
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(cfg.train.dtype, device)
     torch.manual_seed(cfg.train.seed)
-    model, tok = load_model(cfg.train.model_name_or_path, dtype, device)
+    model, tok = load_quantized(cfg.train.model_name_or_path, cfg.train.quantization, dtype, device)
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -81,7 +81,9 @@ def run(cfg: RunConfig, progress: bool = True, log: Callable[[str], Any] = print
         get_peft_model(model, cfg.lora)
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     trainable, total = num_parameters(model, trainable_only=True), num_parameters(model)
-    log(f"model {resolved['model_name_or_path']} on {device} ({dtype}): {trainable:,} of {total:,} parameters train")
+    quant = f", {model.quantization} base" if model.quantization else ""
+    name = resolved["model_name_or_path"]
+    log(f"model {name} on {device} ({dtype}{quant}): {trainable:,} of {total:,} parameters train")
 
     samples = held_out_samples(cfg.data, cfg.train.compare_samples)
     before = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
