@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from velotune.kernels.attention import attention
 from velotune.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from velotune.kernels.glu import GATED_ACTIVATIONS
 from velotune.kernels.rms_norm import rms_norm
 from velotune.kernels.rope import apply_rope
+from velotune.models.checkpointing import run_layer
 from velotune.models.config import ModelConfig
 from velotune.models.rope import inv_frequencies, rope_tables
 
@@ -216,10 +216,16 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing: bool | str = False  # False | True (recompute) | "offload" (+ inputs on host)
         self.register_buffer("inv_freq", inv_frequencies(cfg), persistent=False)
         if cfg.rope_local_theta is not None:
             self.register_buffer("inv_freq_local", inv_frequencies(cfg, cfg.rope_local_theta), persistent=False)
+
+    @property
+    def checkpoint_mode(self) -> str | None:
+        """The activation-checkpointing policy in force: None, "checkpoint" or "offload"."""
+        gc = self.gradient_checkpointing
+        return None if not gc else "offload" if gc == "offload" else "checkpoint"
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -248,12 +254,10 @@ class CausalLM(nn.Module):
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
         masks = build_masks(self.config, position_ids, attention_mask, t, past + t)
         tables: dict = {}
-        for layer in self.model.layers:
+        mode = self.checkpoint_mode if self.training and torch.is_grad_enabled() else None
+        for i, layer in enumerate(self.model.layers):
             rope = self._rope(position_ids, x.dtype, layer, tables)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rope, masks, cache, use_reentrant=False)
-            else:
-                x = layer(x, rope, masks, cache)
+            x = run_layer(layer, x, rope, masks, cache, mode=mode, slot=i)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     logging_steps: int = 1
     seed: int = 3407
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | str = True  # true | false | offload (saved layer inputs kept in host memory)
     save_merged: bool = False  # also write the merged 16-bit model in Hugging Face layout
     compare_samples: int = 24  # held-out rows scored before and after training (0 disables)
     max_new_tokens: int = 32  # generation length for the before/after comparison
@@ -73,6 +73,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.gradient_checkpointing not in (True, False, "offload"):
+            raise ConfigError(f"gradient_checkpointing: {self.gradient_checkpointing!r}; use true, false or offload")
         if self.load_in_4bit and self.load_in_8bit:
             raise ConfigError("load_in_4bit and load_in_8bit are both set; choose one")
         if (self.load_in_4bit or self.load_in_8bit) and self.finetuning == "full":
@@ -136,36 +138,42 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if value is None and type(None) in args:
         return None
     kinds = [a for a in args if a is not type(None)] or [annotation]
-    base = typing.get_origin(kinds[0]) or kinds[0]
-    try:
-        if base is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            if isinstance(value, bool):
-                return value
-            raise ValueError
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if base is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-        if base is list:
-            items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-            return [str(v).strip() for v in items]
-        if base is dict:
-            if not isinstance(value, dict):
-                raise ValueError
+    for kind in kinds:
+        try:
+            return _coerce_one(value, kind)
+        except (TypeError, ValueError):
+            continue
+    names = " or ".join(getattr(typing.get_origin(k) or k, "__name__", str(k)) for k in kinds)
+    raise ConfigError(f"{key}: expected {names}, got {value!r}")
+
+
+def _coerce_one(value: Any, kind: Any) -> Any:
+    base = typing.get_origin(kind) or kind
+    if base is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
             return value
-    except (TypeError, ValueError):
-        name = getattr(base, "__name__", str(base))
-        raise ConfigError(f"{key}: expected {name}, got {value!r}") from None
+        raise ValueError
+    if base is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(value)
+    if base is float:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    if base is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError
+        return str(value)
+    if base is list:
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        return [str(v).strip() for v in items]
+    if base is dict:
+        if not isinstance(value, dict):
+            raise ValueError
+        return value
     return value
 
 
