@@ -2,15 +2,22 @@
 the full [tokens x vocab] logits.
 
 Tokens are processed in chunks; each chunk's logits live only inside the forward, where the gradient with respect
-to the hidden states (and the head weight, if it trains) is computed right away and kept for backward. Peak extra
-memory is one chunk of fp32 logits instead of all of them (4 GiB for 8k tokens x 128k vocab). Optional final-logit
-soft-capping (Gemma 2) is applied inside. This is pure PyTorch and runs everywhere; the matmuls dominate, so it is
-already close to the speed of a fused kernel.
+to the hidden states (and the head weight, if it trains) is computed right away and kept for backward. Optional
+final-logit soft-capping (Gemma 2) is applied inside.
+
+Per chunk, the PyTorch path (the reference, and the CPU path) upcasts the logits and builds softmax and gradient
+in fp32: two or more [chunk, vocab] fp32 tensors beside the 16-bit logits (2 GiB each for 4096 x 128256, more with
+a softcap), plus the 16-bit copy of the gradient. On CUDA one Triton program per token reads its 16-bit logits
+row twice (an online log-sum-exp, then softmax - onehot) in fp32 and writes the gradient over the logits, so a
+chunk costs the logits matmul, this kernel and the gradient matmul(s), with the 16-bit logits as the only
+[chunk, vocab] buffer, reused across chunks.
 """
 
 from __future__ import annotations
 
 import torch
+
+from velotune.kernels._triton import tl, triton, use_triton
 
 IGNORE_INDEX = -100
 
@@ -25,35 +32,139 @@ def linear_cross_entropy_reference(
     return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+def chunk_loss_and_grad_reference(
+    logits: torch.Tensor, targets: torch.Tensor, softcap: float | None, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss sum fp32, d loss / d logits in logits' dtype or None) for one chunk: logits [C, V], targets [C]."""
+    logits = logits.float()
+    if softcap is not None:
+        capped = torch.tanh(logits / softcap)
+        logits = softcap * capped
+    valid = targets != IGNORE_INDEX
+    safe_t = targets.clamp(min=0)
+    lse = torch.logsumexp(logits, dim=-1)  # [C]
+    picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+    loss = ((lse - picked) * valid).sum()
+    if not need_grad:
+        return loss, None
+    # d loss / d logits = softmax - onehot, zero for ignored tokens
+    grad = torch.softmax(logits, dim=-1)
+    grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
+    grad *= valid[:, None]
+    if softcap is not None:
+        grad *= 1 - capped * capped
+    return loss, grad
+
+
+if triton is not None:
+
+    @triton.jit
+    def _softcap(z, cap, HAS_SOFTCAP: tl.constexpr):
+        """(cap * tanh(z / cap), tanh(z / cap)) in fp32; (z, z) without a cap."""
+        t = z
+        if HAS_SOFTCAP:
+            t = 2.0 * tl.sigmoid(2.0 * (z / cap)) - 1.0
+            z = cap * t
+        return z, t
+
+    @triton.jit
+    def _chunk_loss_grad_kernel(
+        logits_ptr,
+        targets_ptr,
+        loss_ptr,
+        n_cols,
+        stride,
+        cap,
+        ignore_index,
+        HAS_SOFTCAP: tl.constexpr,
+        COMPUTE_GRAD: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        ptr = logits_ptr + row * stride
+        target = tl.load(targets_ptr + row)
+        valid = target != ignore_index
+        # pass 1: running max and sum of exp over the row, in fp32
+        m = float("-inf")
+        s = 0.0
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < n_cols
+            z = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            z, _ = _softcap(z, cap, HAS_SOFTCAP)
+            z = tl.where(mask, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        safe_t = tl.where(valid, target, 0)
+        z_t, _ = _softcap(tl.load(ptr + safe_t).to(tl.float32), cap, HAS_SOFTCAP)
+        tl.store(loss_ptr + row, tl.where(valid, lse - z_t, 0.0))
+        if COMPUTE_GRAD:
+            # pass 2: softmax - onehot (times the softcap's derivative), over the logits in place
+            for start in range(0, n_cols, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                mask = cols < n_cols
+                z = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                z, t = _softcap(z, cap, HAS_SOFTCAP)
+                grad = tl.exp(z - lse) - tl.where(cols == safe_t, 1.0, 0.0)
+                if HAS_SOFTCAP:
+                    grad = grad * (1.0 - t * t)
+                grad = tl.where(valid, grad, 0.0)
+                tl.store(ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def chunk_loss_and_grad_triton(
+    logits: torch.Tensor, targets: torch.Tensor, softcap: float | None, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same contract as the reference; the gradient overwrites `logits` (which must have unit column stride)."""
+    n_rows, n_cols = logits.shape
+    assert logits.stride(1) == 1, logits.stride()
+    losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows:
+        _chunk_loss_grad_kernel[(n_rows,)](
+            logits,
+            targets.contiguous(),
+            losses,
+            n_cols,
+            logits.stride(0),
+            float(softcap) if softcap is not None else 1.0,
+            IGNORE_INDEX,
+            HAS_SOFTCAP=softcap is not None,
+            COMPUTE_GRAD=need_grad,
+            BLOCK_V=min(4096, triton.next_power_of_2(n_cols)),
+            num_warps=8,
+        )
+    return losses.sum(), (logits if need_grad else None)
+
+
+_CHUNK_STEPS = {False: chunk_loss_and_grad_reference, True: chunk_loss_and_grad_triton}
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Chunked loss whose gradients are computed in forward; backward only scales them by the incoming gradient."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, chunk_size):
+    def forward(ctx, hidden, weight, targets, softcap, chunk_size, fused):
         n = hidden.shape[0]
-        need_w = weight.requires_grad
-        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        need_grad = need_h or need_w
+        step = _CHUNK_STEPS[fused]
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # one logits buffer for every chunk: the Triton step writes its gradient over it
+        buf = torch.empty(min(chunk_size, n), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
         for start in range(0, n, chunk_size):
             h = hidden[start : start + chunk_size]  # [C, H]
-            t = targets[start : start + chunk_size]  # [C]
-            logits = (h @ weight.t()).float()  # [C, V]
-            if softcap is not None:
-                capped = torch.tanh(logits / softcap)
-                logits = softcap * capped
-            valid = t != IGNORE_INDEX
-            safe_t = t.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)  # [C]
-            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-            total += ((lse - picked) * valid).sum()
-            # d loss / d logits = softmax - onehot, zero for ignored tokens
-            grad = torch.softmax(logits, dim=-1)
-            grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
-            grad *= valid[:, None]
-            if softcap is not None:
-                grad *= 1 - capped * capped
+            logits = torch.mm(h, weight.t(), out=buf[: h.shape[0]])  # [C, V]
+            loss, grad = step(logits, targets[start : start + chunk_size], softcap, need_grad)
+            total += loss
+            if not need_grad:
+                continue
             grad = grad.to(hidden.dtype)
-            if grad_hidden is not None:
-                grad_hidden[start : start + chunk_size] = grad @ weight
+            if need_h:
+                torch.mm(grad, weight, out=grad_hidden[start : start + chunk_size])
             if need_w:
                 grad_weight += (grad.t() @ h).float()
         ctx.weight_dtype = weight.dtype
@@ -65,7 +176,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_out.to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = (grad_weight * grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -75,12 +186,16 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int = 4096,
 ) -> torch.Tensor:
-    """Sum over tokens of cross-entropy(hidden @ weight.T, targets), fp32 scalar. hidden [N, H], weight [V, H]."""
-    if not (hidden.requires_grad or weight.requires_grad):
+    """Sum over tokens of cross-entropy(hidden @ weight.T, targets), fp32 scalar. hidden [N, H], weight [V, H].
+
+    The per-chunk softmax and gradient run in Triton on CUDA, in PyTorch elsewhere.
+    """
+    fused = use_triton(hidden, weight, targets)
+    if not (hidden.requires_grad or weight.requires_grad) and not fused:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             total += linear_cross_entropy_reference(
                 hidden[start : start + chunk_size], weight, targets[start : start + chunk_size], softcap
             )
         return total
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk_size)
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, softcap, chunk_size, fused)

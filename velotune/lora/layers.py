@@ -8,10 +8,13 @@ Parameter names follow PEFT's (base_layer, lora_A, lora_B) so adapters map one t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import nn
+
+from velotune.kernels.lora import lora_linear
 
 
 class LoRALinear(nn.Module):
@@ -31,9 +34,20 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)  # [..., out]
+        """[..., in] -> [..., out] through kernels.lora.lora_linear, which saves no [..., out] tensor and never a
+        dequantized base weight. Bases that are neither nn.Linear nor a quantized linear computing in x's dtype
+        take the plain composition."""
+        base = self.base_layer
+        x_lora = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
+        if isinstance(base, nn.Linear):
+            return lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, x_lora)
+        if hasattr(base, "dequantize") and getattr(base, "compute_dtype", None) == x.dtype:
+            bias = None if base.bias is None else base.bias.to(x.dtype)
+            weight_fn = functools.partial(base.dequantize, x.dtype)  # called again in backward
+            return lora_linear(x, weight_fn, bias, self.lora_A, self.lora_B, self.scaling, x_lora)
+        y = base(x)  # [..., out]
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return y + (self.dropout(x) @ a.t() @ b.t()) * self.scaling
+        return y + ((x if x_lora is None else x_lora) @ a.t() @ b.t()) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """B @ A * scaling, [out, in] in fp32."""
