@@ -9,6 +9,12 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _private_token_cache(tmp_path_factory, monkeypatch):
+    """Tokenization cache in a per-session temp dir, never the user's ~/.cache."""
+    monkeypatch.setenv("VELOTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "velotune-cache"))
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 

@@ -21,6 +21,14 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(directory, gguf_file=GGUF_NAME)
 
 
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path_factory, monkeypatch) -> Path:
+    """Every test caches tokenized data in its own directory, never in ~/.cache."""
+    root = tmp_path_factory.mktemp("velotune-cache")
+    monkeypatch.setenv("VELOTUNE_CACHE", str(root))
+    return root / "tokenized"
+
+
 @pytest.fixture
 def write_jsonl(tmp_path: Path):
     """Write rows (dicts, or raw strings written as-is) to a JSONL file and return its path."""

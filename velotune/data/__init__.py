@@ -1,6 +1,8 @@
-"""Data: turn user files (JSONL, JSON, CSV, Parquet) into tokenized, masked training examples.
+"""Data: turn user files (JSONL, JSON, CSV, Parquet, Hugging Face datasets) into tokenized, masked training examples.
 
-Stands alone: imports nothing from velotune except velotune.errors.
+Files stream through in chunks, are tokenized in batches (the Rust tokenizer on every core) and land in token
+arrays on disk, cached across runs (`DataConfig.cache`, `cache_dir`). Stands alone: imports nothing from velotune
+except velotune.errors.
 """
 
 from velotune.data.collate import collate
@@ -8,12 +10,14 @@ from velotune.data.config import DataConfig
 from velotune.data.dataset import DataStats, TokenizedDataset, build_datasets
 from velotune.data.formats import FORMATS, detect_format, to_messages
 from velotune.data.masking import IGNORE
+from velotune.data.packing import PaddingStats
 from velotune.data.templates import BUILTIN_TEMPLATES, TEMPLATE_NAMES, render_prompt
 
 __all__ = [
     "BUILTIN_TEMPLATES",
     "FORMATS",
     "IGNORE",
+    "PaddingStats",
     "TEMPLATE_NAMES",
     "DataConfig",
     "DataStats",

@@ -23,7 +23,20 @@ def _optional_path(key: str, value: object) -> str | None:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"data.{key} is {value!r}; expected the path of a .jsonl, .json, .csv or .parquet file")
+        raise ConfigError(
+            f"data.{key} is {value!r}; expected the path of a .jsonl, .json, .csv or .parquet file (or a "
+            f"Hugging Face dataset directory or hub name)"
+        )
+    return value
+
+
+def _optional_dir(key: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"data.{key} is {value!r}; expected a directory path")
     return value
 
 
@@ -31,7 +44,7 @@ def _optional_path(key: str, value: object) -> str | None:
 class DataConfig:
     """Where the training data lives and how it becomes tokenized examples; every value is checked on creation."""
 
-    path: str | None = None  # JSONL / JSON / CSV / Parquet file
+    path: str | None = None  # JSONL / JSON / CSV / Parquet file, a `datasets` save_to_disk directory, or a hub name
     format: str = "auto"  # auto | alpaca | sharegpt | messages | prompt_completion | text | reasoning
     eval_path: str | None = None
     eval_split: float = 0.0  # fraction held out from `path` when no eval_path (deterministic, seeded)
@@ -43,10 +56,15 @@ class DataConfig:
     system_prompt: str | None = None  # used for rows that have no system message
     field_map: dict[str, str] = field(default_factory=dict)  # user's field name -> canonical name
     seed: int = 0
+    split: str | None = None  # split to read when path is a Hugging Face dataset (default: train)
+    cache: bool = True  # keep tokenized data on disk, keyed by file content, tokenizer and the settings above
+    cache_dir: str | None = None  # default: $VELOTUNE_CACHE/tokenized, else ~/.cache/velotune/tokenized
+    num_proc: int = 1  # processes that render and tokenize; 1: this one (the tokenizer still uses every core)
 
     def __post_init__(self) -> None:
         self.path = _optional_path("path", self.path)
         self.eval_path = _optional_path("eval_path", self.eval_path)
+        self.cache_dir = _optional_dir("cache_dir", self.cache_dir)
         _choice("format", self.format, FORMAT_CHOICES)
         _choice("train_on", self.train_on, TRAIN_ON_CHOICES)
         _choice("too_long", self.too_long, TOO_LONG_CHOICES)
@@ -71,6 +89,12 @@ class DataConfig:
             raise ConfigError(f"data.system_prompt is {type(self.system_prompt).__name__}; expected text")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"data.seed is {self.seed!r}; expected a whole number")
+        if self.split is not None and (not isinstance(self.split, str) or not self.split):
+            raise ConfigError(f"data.split is {self.split!r}; expected a split name such as train or test")
+        if not isinstance(self.cache, bool):
+            raise ConfigError(f"data.cache is {self.cache!r}; expected true or false")
+        if isinstance(self.num_proc, bool) or not isinstance(self.num_proc, int) or self.num_proc < 1:
+            raise ConfigError(f"data.num_proc is {self.num_proc!r}; expected a whole number >= 1")
         self._check_field_map()
 
     def _check_field_map(self) -> None:

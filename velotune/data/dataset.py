@@ -1,14 +1,25 @@
-"""Build tokenized train/eval datasets from DataConfig, accounting for every row read."""
+"""Build tokenized train/eval datasets from DataConfig, accounting for every row read.
+
+The data source is tokenized once into a store on disk (pipeline.py; cached across runs), and the datasets are
+views of it: all rows, or the train and held-out parts of an eval_split, each with its own stats.
+"""
 
 import random
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from velotune.data.config import DataConfig
-from velotune.data.formats import FORMATS, apply_field_map, detect_format, to_messages
-from velotune.data.masking import IGNORE, tokenize_conversation, tokenize_text
-from velotune.data.readers import read_rows
-from velotune.data.templates import resolve_template, with_system_prompt
+from velotune.data.encode import USED, drop_reason, too_long_error
+from velotune.data.formats import FORMATS, to_messages
+from velotune.data.masking import tokenize_conversation, tokenize_text
+from velotune.data.packing import PaddingStats, padding_stats
+from velotune.data.pipeline import Tokenized, tokenize_source
+from velotune.data.sources import open_source
+from velotune.data.store import ExampleArrays, TokenStore
+from velotune.data.templates import with_system_prompt
 from velotune.errors import ConfigError, DataError
 
 EXAMPLES_PER_REASON = 3  # row names kept per drop reason, so a report can point at them
@@ -29,6 +40,12 @@ class DataStats:
     truncated: int = 0
     tokens: int = 0
     target_tokens: int = 0
+    seed: int = 0  # of the batch shuffle the padding figures assume
+    seconds: float = 0.0  # tokenizing the source (or loading it from the cache) took
+    rows_tokenized: int = 0  # rows of the whole source (before any eval split) those seconds cover
+    cache_hit: bool = False
+    cache_path: str = ""  # cache entry used or written ("" when not cached)
+    cache_note: str = ""  # why the cache was not used, when it was asked for
 
     def drop(self, reason: str, row: str) -> None:
         """Count a dropped row under `reason`."""
@@ -42,13 +59,29 @@ class DataStats:
         """Rows dropped for any reason."""
         return sum(self.dropped.values())
 
+    def provenance(self) -> str:
+        """How the tokens were obtained: from the cache, or tokenized at what speed (and cached where)."""
+        if self.cache_hit:
+            return f"Loaded from cache {self.cache_path} in {self.seconds:.2f} s"
+        if not self.seconds:
+            return ""
+        rate = f" ({self.rows_tokenized / self.seconds:,.0f} rows/s)" if self.seconds > 0 else ""
+        where = f"; cached in {self.cache_path}" if self.cache_path else ""
+        where += f"; not cached: {self.cache_note}" if self.cache_note else ""
+        return f"Tokenized {self.rows_tokenized:,} rows in {self.seconds:.1f} s{rate}{where}"
+
 
 class TokenizedDataset(Sequence[dict]):
-    """Tokenized examples {"input_ids", "labels", "row"} with the stats of how they were made."""
+    """Tokenized examples {"input_ids", "labels", "row"} with the stats of how they were made.
 
-    def __init__(self, examples: list[dict], stats: DataStats) -> None:
+    `examples` is a list of dicts, or (from build_datasets) ExampleArrays: token arrays memory-mapped from disk,
+    each item built as plain lists when asked for, so a dataset of any size costs little memory.
+    """
+
+    def __init__(self, examples: Sequence[dict], stats: DataStats, store: TokenStore | None = None) -> None:
         self.examples = examples
         self.stats = stats
+        self.store = store  # every row read from the source, used or not (for inspection)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -62,10 +95,17 @@ class TokenizedDataset(Sequence[dict]):
     @property
     def lengths(self) -> list[int]:
         """Token count of every example (for packing and length-grouped batching)."""
+        if isinstance(self.examples, ExampleArrays):
+            return self.examples.lengths.tolist()
         return [len(e["input_ids"]) for e in self.examples]
 
-    def report(self) -> str:
-        """A one-paragraph summary: rows read, used and dropped (and why), truncation, token counts."""
+    def padding(self, batch_size: int = 8) -> PaddingStats:
+        """Padding in shuffled batches of `batch_size`, without and with packing."""
+        lengths = self.examples.lengths if isinstance(self.examples, ExampleArrays) else self.lengths
+        return padding_stats(lengths, self.stats.max_seq_length, batch_size, self.stats.seed)
+
+    def report(self, batch_size: int = 8) -> str:
+        """A summary: rows read, used and dropped (and why), truncation, tokens, padding, and how it was obtained."""
         s = self.stats
         parts = [f"{s.name}: read {s.rows_read:,} rows from {s.source} (format {s.format}), used {s.rows_used:,}"]
         if s.dropped:
@@ -80,7 +120,10 @@ class TokenizedDataset(Sequence[dict]):
             parts.append(f"truncated {s.truncated:,} to max_seq_length {s.max_seq_length:,} tokens")
         share = f" ({100 * s.target_tokens / s.tokens:.1f}%)" if s.tokens else ""
         parts.append(f"{s.tokens:,} tokens, {s.target_tokens:,} of them targets{share}")
-        return ", ".join(parts[:2]) + "; " + "; ".join(parts[2:]) + "."
+        if self.examples and s.max_seq_length:
+            parts.append(self.padding(batch_size).describe())
+        text = ", ".join(parts[:2]) + "; " + "; ".join(parts[2:]) + "."
+        return text + (f" {s.provenance()}." if s.provenance() else "")
 
 
 def fit_length(
@@ -90,10 +133,7 @@ def fit_length(
     if len(ids) <= max_seq_length:
         return ids, labels, False
     if too_long == "fail":
-        raise DataError(
-            f"{source}: {len(ids):,} tokens, longer than max_seq_length {max_seq_length:,}; raise "
-            f"data.max_seq_length, or set data.too_long to truncate or drop"
-        )
+        raise too_long_error(source, len(ids), max_seq_length)
     return ids[:max_seq_length], labels[:max_seq_length], True
 
 
@@ -109,43 +149,56 @@ def tokenize_row(
     return tokenize_conversation(messages, tokenizer, chat_template, train_on=cfg.train_on, source=source)
 
 
-def _read(path: str, cfg: DataConfig) -> tuple[list[tuple[str, dict]], str]:
-    """All rows of a file with field_map applied, and their format (detected from the first row if auto)."""
-    rows = [(source, apply_field_map(row, cfg.field_map)) for source, row in read_rows(path)]
-    if not rows:
-        raise DataError(f"{path}: no rows found; the file is empty (or holds only blank lines)")
-    fmt = cfg.format if cfg.format != "auto" else detect_format(rows[0][1], rows[0][0])
-    return rows, fmt
+def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the train and held-out rows among n: round(fraction * n) rows (at least 1) held out, chosen by a
+    seeded shuffle; both in file order."""
+    n_eval = max(1, round(fraction * n))
+    if n_eval >= n:
+        raise DataError(f"eval_split {fraction} of {n} rows leaves no training rows; lower data.eval_split or add rows")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = np.zeros(n, dtype=bool)
+    held[order[:n_eval]] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-def _tokenize(
-    name: str, path: str, rows: list[tuple[str, dict]], fmt: str, tokenizer, cfg: DataConfig
-) -> TokenizedDataset:
-    stats = DataStats(name=name, source=path, format=fmt, max_seq_length=cfg.max_seq_length)
-    chat_template = resolve_template(tokenizer, cfg.template) if FORMATS[fmt].chat else None
-    examples = []
-    for source, row in rows:
-        stats.rows_read += 1
-        ids, labels = tokenize_row(row, fmt, tokenizer, chat_template, cfg, source)
-        if not ids:
-            stats.drop("empty after tokenization", source)
-            continue
-        if len(ids) > cfg.max_seq_length and cfg.too_long == "drop":
-            stats.drop(f"longer than max_seq_length {cfg.max_seq_length:,}", source)
-            continue
-        ids, labels, truncated = fit_length(ids, labels, cfg.max_seq_length, cfg.too_long, source)
-        targets = sum(1 for t in labels if t != IGNORE)
-        if targets == 0:
-            stats.drop("no target tokens" + (" after truncation" if truncated else ""), source)
-            continue
-        stats.truncated += truncated
-        stats.rows_used += 1
-        stats.tokens += len(ids)
-        stats.target_tokens += targets
-        examples.append({"input_ids": ids, "labels": labels, "row": source})
+def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out rows as split_indices chooses them; both parts keep file order."""
+    train, held = split_indices(len(rows), fraction, seed)
+    return [rows[i] for i in train], [rows[i] for i in held]
+
+
+def dataset_from_store(tokenized: Tokenized, rows: np.ndarray | None, name: str, source: str, cfg: DataConfig):
+    """The dataset of the store's rows at positions `rows` (None: all), with their stats."""
+    store = tokenized.store
+    rows = np.arange(store.rows_read) if rows is None else rows
+    status = np.asarray(store.status[rows])
+    used = status == USED
+    stats = DataStats(name=name, source=source, format=store.format, max_seq_length=cfg.max_seq_length)
+    stats.rows_read, stats.rows_used = len(rows), int(used.sum())
+    codes = [int(c) for c in np.unique(status[~used])]
+    first_at = {c: int(np.argmax(status == c)) for c in codes}
+    for code in sorted(codes, key=first_at.get):  # reasons in the order rows first hit them, as when streaming
+        reason = drop_reason(code, cfg.max_seq_length)
+        where = rows[status == code]
+        stats.dropped[reason] = len(where)
+        stats.dropped_rows[reason] = [store.name(int(r)) for r in where[:EXAMPLES_PER_REASON]]
+    kept, length = np.asarray(store.kept[rows]), np.asarray(store.length[rows])
+    stats.truncated = int((used & (kept < length)).sum())
+    stats.tokens = int(kept[used].sum())
+    stats.target_tokens = int(np.asarray(store.targets[rows])[used].sum())
+    stats.seed = cfg.seed
+    stats.seconds, stats.rows_tokenized = tokenized.seconds, store.rows_read
+    stats.cache_hit, stats.cache_path, stats.cache_note = (
+        tokenized.cache_hit,
+        tokenized.cache_path,
+        tokenized.cache_note,
+    )
     assert stats.rows_read == stats.rows_used + stats.rows_dropped
-    dataset = TokenizedDataset(examples, stats)
-    if not examples:
+    # rows -> positions among the store's examples (used rows are the store's examples, in order)
+    examples = np.searchsorted(store.used_rows, rows[used])
+    dataset = TokenizedDataset(ExampleArrays(store, examples), stats, store)
+    if not stats.rows_used:
         raise DataError(
             f"no usable {name} rows: {dataset.report()} Raise data.max_seq_length, set data.too_long to truncate, "
             f"or check that rows have assistant turns"
@@ -153,31 +206,33 @@ def _tokenize(
     return dataset
 
 
-def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Hold out round(fraction * n) rows (at least 1), chosen by a seeded shuffle; both parts keep file order."""
-    n_eval = max(1, round(fraction * len(rows)))
-    if n_eval >= len(rows):
-        raise DataError(
-            f"eval_split {fraction} of {len(rows)} rows leaves no training rows; lower data.eval_split or add rows"
-        )
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+def tokenize_path(
+    path: str, cfg: DataConfig, tokenizer, name: str = "train", progress: bool = False, *, for_eval: bool = False
+) -> Tokenized:
+    """Every row of data at `path` tokenized under `cfg` (from the cache when possible)."""
+    source = open_source(path, cfg.split if not for_eval else None, for_eval)
+    return tokenize_source(source, cfg, tokenizer, name, progress)
 
 
-def build_datasets(cfg: DataConfig, tokenizer) -> tuple[TokenizedDataset, TokenizedDataset | None]:
-    """Read, convert and tokenize the training data (and eval data, from eval_path or eval_split)."""
+def build_datasets(
+    cfg: DataConfig, tokenizer, *, progress: bool | None = None
+) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """Read, convert and tokenize the training data (and eval data, from eval_path or eval_split).
+
+    Tokenized data is cached on disk (data.cache, data.cache_dir), so a second run with the same data, tokenizer
+    and settings starts at once. progress: show a progress bar (default: when stderr is a terminal).
+    """
     if cfg.path is None:
         raise ConfigError("data.path is not set; set it to a .jsonl, .json, .csv or .parquet file")
-    rows, fmt = _read(cfg.path, cfg)
+    progress = sys.stderr.isatty() if progress is None else progress
+    train = tokenize_path(cfg.path, cfg, tokenizer, "train", progress)
     eval_set = None
     if cfg.eval_path is not None:
-        eval_rows, eval_fmt = _read(cfg.eval_path, cfg)
-        eval_set = _tokenize("eval", cfg.eval_path, eval_rows, eval_fmt, tokenizer, cfg)
+        tokenized = tokenize_path(cfg.eval_path, cfg, tokenizer, "eval", progress, for_eval=True)
+        eval_set = dataset_from_store(tokenized, None, "eval", cfg.eval_path, cfg)
     elif cfg.eval_split > 0:
-        rows, eval_rows = split_rows(rows, cfg.eval_split, cfg.seed)
-        eval_set = _tokenize(
-            "eval", f"{cfg.path}, held out by eval_split {cfg.eval_split}", eval_rows, fmt, tokenizer, cfg
-        )
-    return _tokenize("train", cfg.path, rows, fmt, tokenizer, cfg), eval_set
+        train_rows, eval_rows = split_indices(train.store.rows_read, cfg.eval_split, cfg.seed)
+        held_out = f"{cfg.path}, held out by eval_split {cfg.eval_split}"
+        eval_set = dataset_from_store(train, eval_rows, "eval", held_out, cfg)
+        return dataset_from_store(train, train_rows, "train", cfg.path, cfg), eval_set
+    return dataset_from_store(train, None, "train", cfg.path, cfg), eval_set

@@ -11,13 +11,16 @@ closing marker (whitespace after it is not). Tokens whose characters overlap a s
 are targets.
 """
 
+from collections.abc import Callable
+
 from velotune.data.templates import render
 from velotune.errors import DataError
 
 IGNORE = -100
 
 
-def _tokenize_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+def tokenize_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of `text` (no special tokens added) and each token's character span."""
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError as e:
@@ -59,20 +62,22 @@ def _turn_end(full: str, start: int, through: str, content: str, source: str) ->
     raise _rewritten(source)
 
 
-def assistant_spans(
-    messages: list[dict], tokenizer, chat_template: str, full: str, source: str = "conversation"
-) -> list[tuple[int, int]]:
+RenderFn = Callable[[list[dict], bool, str], str]  # (messages, add_generation_prompt, source) -> text
+
+
+def find_assistant_spans(messages: list[dict], render_fn: RenderFn, full: str, source: str) -> list[tuple[int, int]]:
     """Character spans of `full` (the rendered conversation) holding each assistant turn and its closing marker.
 
     Templates that render earlier turns differently from the last one (e.g. dropping <think> blocks from history)
-    are handled by locating the turn's start or closing marker in `full` instead.
+    are handled by locating the turn's start or closing marker in `full` instead. The last turn rendered through is
+    `full` itself, so a one-turn conversation costs one extra rendering.
     """
     spans, cursor = [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(messages[:i], tokenizer, chat_template, add_generation_prompt=True, source=source)
-        through = render(messages[: i + 1], tokenizer, chat_template, source=source)
+        before = render_fn(messages[:i], True, source)
+        through = full if i == len(messages) - 1 else render_fn(messages[: i + 1], False, source)
         if full.startswith(before) and len(before) >= cursor:
             start = len(before)
         else:
@@ -91,7 +96,19 @@ def assistant_spans(
     return spans
 
 
-def _labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+def assistant_spans(
+    messages: list[dict], tokenizer, chat_template: str, full: str, source: str = "conversation"
+) -> list[tuple[int, int]]:
+    """Character spans of `full` (the rendered conversation) holding each assistant turn and its closing marker."""
+
+    def render_fn(part: list[dict], add_generation_prompt: bool, where: str) -> str:
+        return render(part, tokenizer, chat_template, add_generation_prompt=add_generation_prompt, source=where)
+
+    return find_assistant_spans(messages, render_fn, full, source)
+
+
+def labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """Labels keeping the tokens whose characters overlap a span (sorted, disjoint), IGNORE elsewhere."""
     labels = [IGNORE] * len(ids)
     k = 0
     for t, (s, e) in enumerate(offsets):
@@ -110,11 +127,11 @@ def tokenize_conversation(
 ) -> tuple[list[int], list[int]]:
     """input_ids and labels for a conversation; with train_on="responses" only assistant turns are targets."""
     full = render(messages, tokenizer, chat_template, source=source)
-    ids, offsets = _tokenize_with_offsets(tokenizer, full)
+    ids, offsets = tokenize_with_offsets(tokenizer, full)
     if train_on == "all":
         return ids, list(ids)
     spans = assistant_spans(messages, tokenizer, chat_template, full, source)
-    return ids, _labels_from_spans(ids, offsets, spans)
+    return ids, labels_from_spans(ids, offsets, spans)
 
 
 def tokenize_text(text: str, tokenizer) -> tuple[list[int], list[int]]:
@@ -124,3 +141,42 @@ def tokenize_text(text: str, tokenizer) -> tuple[list[int], list[int]]:
     if eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
     return ids, list(ids)
+
+
+def _overlaps(encoding, t: int, a: int, b: int) -> bool:
+    s, e = encoding.token_to_chars(t)
+    return (s < b and e > a) or (s == e and a <= s < b)
+
+
+def target_ranges(encoding, spans: list[tuple[int, int]], probes: int = 8) -> list[tuple[int, int]] | None:
+    """Token ranges [t0, t1) of a tokenizers Encoding whose characters overlap each span; the labelling of
+    `labels_from_spans` without building every token's offsets (which costs more than tokenizing short rows).
+
+    Token offsets never decrease, so the tokens overlapping a span are contiguous: find one token inside the span
+    from each end (characters trimmed from offsets, e.g. spaces, belong to no token, so a few are probed), then widen
+    while the neighbours still overlap (tokens sharing one character, zero-width tokens). Returns None when no
+    token is found within `probes` characters, for the caller to label from the full offsets instead.
+    """
+    n = len(encoding)
+    ranges = []
+    for a, b in spans:
+        first = last = None
+        for c in range(a, min(b, a + probes)):
+            first = encoding.char_to_token(c)
+            if first is not None:
+                break
+        for c in range(b - 1, max(a, b - probes) - 1, -1):
+            last = encoding.char_to_token(c)
+            if last is not None:
+                break
+        if first is None or last is None or last < first:
+            return None
+        while first > 0 and _overlaps(encoding, first - 1, a, b):
+            first -= 1
+        while last + 1 < n and _overlaps(encoding, last + 1, a, b):
+            last += 1
+        if ranges and first <= ranges[-1][1]:  # two spans sharing a token
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], last + 1))
+        else:
+            ranges.append((first, last + 1))
+    return ranges

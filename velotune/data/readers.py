@@ -1,11 +1,11 @@
 """Read dataset files into rows: JSONL, JSON, CSV/TSV and Parquet.
 
 Every reader yields (source, row) pairs, where source ("data.jsonl:41") names the row in errors and stats.
-JSONL and Parquet stream; JSON and CSV are decoded whole (their rows are parsed one by one).
+JSONL, CSV/TSV and Parquet stream, so files larger than memory can be read; a JSON list is decoded whole
+(convert big ones to JSONL).
 """
 
 import csv
-import io
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -97,29 +97,42 @@ def read_json(path: str) -> Rows:
         pos = skip(pos + 1)
 
 
-def read_csv(path: str, delimiter: str = ",") -> Rows:
-    """A header line, then one row per record; every value is text (empty cells read as "")."""
+def _first_bad_line(path: str) -> tuple[int, UnicodeDecodeError]:
+    """The line holding a file's first invalid UTF-8 byte, and the error (for messages; the file is re-read)."""
     with open(path, "rb") as f:
-        text = _decode(f.read(), path)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        header = next(reader, None)
-        if header is None:
-            return
-        line = reader.line_num + 1
-        for record in reader:
-            source = f"{path}:{line}"
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                return number, e
+    raise AssertionError(f"{path}: no invalid UTF-8 found on a second read")
+
+
+def read_csv(path: str, delimiter: str = ",") -> Rows:
+    """A header line, then one row per record; every value is text (empty cells read as ""). Streamed."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
             line = reader.line_num + 1
-            if not any(cell.strip() for cell in record):
-                continue
-            if len(record) != len(header):
-                raise DataError(
-                    f"{source}: {len(record)} columns, but the header has {len(header)} ({', '.join(header)}); "
-                    f"quote values that contain the delimiter {delimiter!r}"
-                )
-            yield source, dict(zip(header, record, strict=True))
-    except csv.Error as e:
-        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from e
+            for record in reader:
+                source = f"{path}:{line}"
+                line = reader.line_num + 1
+                if not any(cell.strip() for cell in record):
+                    continue
+                if len(record) != len(header):
+                    raise DataError(
+                        f"{source}: {len(record)} columns, but the header has {len(header)} ({', '.join(header)}); "
+                        f"quote values that contain the delimiter {delimiter!r}"
+                    )
+                yield source, dict(zip(header, record, strict=True))
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from e
+        except UnicodeDecodeError:
+            number, e = _first_bad_line(path)
+            raise DataError(f"{path}:{number}: not valid UTF-8 (column {e.start + 1}: {e.reason}); {_REENCODE}") from e
 
 
 def read_tsv(path: str) -> Rows:

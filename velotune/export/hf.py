@@ -48,6 +48,7 @@ def save_hf(
         if model.config.tie_word_embeddings and name == "lm_head.weight":
             continue
         tensors[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+    tensors = family_for(model.config.model_type).fuse(model.config, tensors)  # e.g. Phi-3 qkv_proj
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -19,7 +19,7 @@ from velotune.kernels.rms_norm import rms_norm
 from velotune.kernels.rope import apply_rope
 from velotune.models.checkpointing import run_layer
 from velotune.models.config import ModelConfig
-from velotune.models.rope import inv_frequencies, rope_tables
+from velotune.models.rope import attention_factor, rope_buffer_name, rope_buffers, rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -217,9 +217,9 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing: bool | str = False  # False | True (recompute) | "offload" (+ inputs on host)
-        self.register_buffer("inv_freq", inv_frequencies(cfg), persistent=False)
-        if cfg.rope_local_theta is not None:
-            self.register_buffer("inv_freq_local", inv_frequencies(cfg, cfg.rope_local_theta), persistent=False)
+        for name, inv_freq in rope_buffers(cfg).items():  # inv_freq (+ inv_freq_local, inv_freq_long)
+            self.register_buffer(name, inv_freq, persistent=False)
+        self.rope_scale = {local: attention_factor(cfg, local) for local in (False, True)}  # yarn/longrope
 
     @property
     def checkpoint_mode(self) -> str | None:
@@ -234,7 +234,8 @@ class CausalLM(nn.Module):
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype, layer: DecoderLayer, tables: dict) -> tuple:
         local = layer.self_attn.sliding and self.config.rope_local_theta is not None
         if local not in tables:
-            tables[local] = rope_tables(self.inv_freq_local if local else self.inv_freq, position_ids, dtype)
+            inv_freq = getattr(self, rope_buffer_name(self.config, position_ids, local))
+            tables[local] = rope_tables(inv_freq, position_ids, dtype, self.rope_scale[local])
         return tables[local]
 
     def hidden_states(

@@ -1,11 +1,14 @@
 """GGUF import: llama.cpp files (any quant type the `gguf` package can dequantize) into velotune's decoder.
 
-Tensor names come from gguf's own HF<->GGUF name map; q/k rows of `llama`-architecture files are un-permuted
-back to Hugging Face's rotate-half layout.
+Tensor names come from gguf's own HF<->GGUF name map, applied to the family's checkpoint layout (Phi-3's fused
+qkv/gate_up, split again on load). Per family, llama.cpp's storage conventions are undone: q/k rows of `llama` files
+are un-permuted back to Hugging Face's rotate-half layout, Gemma norm weights lose the 1 that llama.cpp adds.
+Longrope factors (Phi-3), stored as tensors, are read into the metadata.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from velotune.models.decoder import CausalLM
 from velotune.models.families import family_for_gguf
 
 _TOKEN_KEYS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "padding_token_id": "pad_token_id"}
+_META_TENSORS = {"rope_factors_long.weight": "rope_factors_long", "rope_factors_short.weight": "rope_factors_short"}
 
 
 def read_metadata(reader: Any) -> tuple[str, dict[str, Any]]:
@@ -36,6 +40,9 @@ def read_metadata(reader: Any) -> tuple[str, dict[str, Any]]:
         meta["vocab_size"] = len(fields["tokenizer.ggml.tokens"].data)
     names = {t.name for t in reader.tensors}
     meta["tied"] = "output.weight" not in names
+    for t in reader.tensors:
+        if t.name in _META_TENSORS:
+            meta[_META_TENSORS[t.name]] = np.asarray(t.data, dtype=np.float32).reshape(-1).tolist()
     return arch, meta
 
 
@@ -45,14 +52,14 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _name_map(arch: str, model: CausalLM) -> dict[str, str]:
-    """GGUF tensor name -> our (HF) name, for every tensor of `model`."""
+def _name_map(arch: str, hf_names: Iterable[str], num_layers: int) -> dict[str, str]:
+    """GGUF tensor name -> HF name, for every name of `hf_names` (a checkpoint's layout)."""
     import gguf
 
     arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
-    tmap = gguf.get_tensor_name_map(arch_enum, model.config.num_layers)
+    tmap = gguf.get_tensor_name_map(arch_enum, num_layers)
     out = {}
-    for name in model.state_dict():
+    for name in hf_names:
         gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if gname is not None:
             out[gname] = name
@@ -74,14 +81,18 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device | str = "cpu"
     spec = family_for_gguf(arch)
     cfg = spec.from_gguf(meta)
     model = build_empty(cfg)
-    names = _name_map(arch, model)
+    names = _name_map(arch, spec.fuse(cfg, model.state_dict()), cfg.num_layers)  # fuse: checkpoint layout names
 
     def tensors() -> Any:
         for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", leave=False):
             if t.name == "rope_freqs.weight":
                 raise ModelLoadError(f"{path}: rope frequency factors (rope_freqs) are not supported yet")
+            if t.name in _META_TENSORS:
+                continue
             name = names.get(t.name, t.name)
             arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
+            if spec.gguf_norm_offset and name.endswith("norm.weight"):
+                arr = arr - spec.gguf_norm_offset
             if spec.gguf_permute_qk and name.endswith("self_attn.q_proj.weight"):
                 arr = unpermute_qk(arr, cfg.num_heads)
             elif spec.gguf_permute_qk and name.endswith("self_attn.k_proj.weight"):

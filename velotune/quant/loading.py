@@ -14,6 +14,7 @@ from torch import nn
 from velotune.errors import QuantizationError
 from velotune.lora.apply import ALL_PROJECTIONS
 from velotune.models.decoder import CausalLM
+from velotune.models.families import check_dtype
 from velotune.models.load import ModulePlacement, load_model
 from velotune.quant.bnb_load import bnb_4bit_layers, from_bnb_state_dict
 from velotune.quant.int8 import Linear8bit
@@ -107,5 +108,6 @@ def load_quantized(
     model, tok = load_model(source, dtype, device, hook=hook, with_tokenizer=with_tokenizer)
     if hook.pending:
         raise QuantizationError(f"incomplete 4-bit layers in the checkpoint: {', '.join(sorted(hook.pending)[:3])}")
+    check_dtype(model.config, dtype)  # Gemma overflows in float16: ask for bfloat16
     model.quantization = method or ("nf4" if hook.bnb else None)
     return model, tok

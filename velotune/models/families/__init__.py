@@ -1,12 +1,26 @@
-"""Registry of decoder families: Hugging Face `model_type` / GGUF `general.architecture` -> FamilySpec."""
+"""Registry of decoder families: Hugging Face `model_type` / GGUF `general.architecture` -> FamilySpec.
+
+A new family is one module with a FamilySpec, added to `_SPECS`.
+"""
 
 from __future__ import annotations
 
+import torch
+
 from velotune.errors import UnsupportedArchitectureError
-from velotune.models.families import llama
+from velotune.models.config import ModelConfig
+from velotune.models.families import gemma, llama, mistral, phi3, qwen2, qwen3
 from velotune.models.families.spec import FamilySpec
 
-_SPECS: tuple[FamilySpec, ...] = (llama.SPEC,)
+_SPECS: tuple[FamilySpec, ...] = (
+    llama.SPEC,
+    mistral.SPEC,
+    qwen2.SPEC,
+    qwen3.SPEC,
+    gemma.GEMMA2,
+    gemma.GEMMA3,
+    phi3.SPEC,
+)
 
 FAMILIES: dict[str, FamilySpec] = {t: s for s in _SPECS for t in s.model_types}
 GGUF_ARCHS: dict[str, FamilySpec] = {s.gguf_arch: s for s in _SPECS if s.gguf_arch and s.from_gguf}
@@ -28,3 +42,8 @@ def family_for_gguf(arch: str) -> FamilySpec:
             f"GGUF architecture {arch!r} is not supported by velotune; supported: {', '.join(sorted(GGUF_ARCHS))}"
         )
     return GGUF_ARCHS[arch]
+
+
+def check_dtype(cfg: ModelConfig, dtype: torch.dtype) -> None:
+    """ConfigError when `cfg`'s family cannot compute in `dtype` (Gemma in float16)."""
+    family_for(cfg.model_type).check_dtype(cfg, dtype)
