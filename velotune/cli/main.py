@@ -7,11 +7,12 @@ import sys
 from collections.abc import Sequence
 
 from velotune.cli import data as data_cmd
+from velotune.cli import export as export_cmd
 from velotune.cli import generate as generate_cmd
 from velotune.cli import train as train_cmd
 from velotune.errors import VelotuneError
 
-COMMANDS = {"train": train_cmd, "generate": generate_cmd, "data": data_cmd}
+COMMANDS = {"train": train_cmd, "generate": generate_cmd, "data": data_cmd, "export": export_cmd}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

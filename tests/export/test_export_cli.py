@@ -1,0 +1,63 @@
+"""`velotune export` on the embedded SmolLM2: GGUF + Modelfile that velotune, and llama.cpp, run the same way."""
+
+import importlib.util
+
+import gguf
+import pytest
+import torch
+
+from velotune.cli.main import main
+from velotune.data import render_prompt
+from velotune.models.generate import generate, stop_token_ids
+from velotune.models.load import load_model
+
+PROMPTS = ["What is the capital of France?", "Name three colors.", "Write a haiku about the sea."]
+
+
+def _greedy(model, tok, prompt, n=12):
+    ids = tok(render_prompt([{"role": "user", "content": prompt}], tok), add_special_tokens=False)["input_ids"]
+    return ids, generate(model, ids, max_new_tokens=n, eos_token_id=stop_token_ids(tok))
+
+
+@pytest.fixture(scope="module")
+def smollm2_f16(tmp_path_factory, smollm2):
+    out = tmp_path_factory.mktemp("export")
+    assert main(["export", "--quant", "f16", "--output_dir", str(out)]) == 0
+    return out / "SmolLM2-135M-Instruct.Q4_1-f16.gguf"
+
+
+def test_export_writes_gguf_and_modelfile(smollm2_f16):
+    reader = gguf.GGUFReader(str(smollm2_f16))
+    assert len(reader.tensors) == 272 and "tokenizer.chat_template" in reader.fields
+    modelfile = (smollm2_f16.parent / "Modelfile").read_text()
+    assert f"FROM ./{smollm2_f16.name}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_exported_f16_generates_like_the_source(smollm2, smollm2_f16):
+    model, tok = smollm2
+    again, _ = load_model(smollm2_f16, torch.float32, with_tokenizer=False)
+    for prompt in PROMPTS[:2]:
+        ids, ours = _greedy(model, tok, prompt)
+        assert generate(again, ids, max_new_tokens=12, eos_token_id=stop_token_ids(tok)) == ours
+
+
+def test_unknown_quant_lists_valid_ones(capsys):
+    assert main(["export", "--quant", "q3_x"]) == 2
+    assert "q4_k_m" in capsys.readouterr().err
+
+
+@pytest.mark.llamacpp
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="pip install llama-cpp-python")
+def test_llama_cpp_generates_velotune_greedy_tokens(smollm2, smollm2_f16):
+    from llama_cpp import Llama
+
+    model, tok = smollm2
+    llm = Llama(model_path=str(smollm2_f16), n_ctx=256, verbose=False)
+    for prompt in PROMPTS:
+        ids, ours = _greedy(model, tok, prompt)
+        theirs = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if token in stop_token_ids(tok) or len(theirs) == len(ours):
+                break
+            theirs.append(token)
+        assert theirs == ours, prompt
