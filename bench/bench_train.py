@@ -58,11 +58,29 @@ def run(a: argparse.Namespace) -> None:
         if a.profile:
             from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            phases = {}
+            for _ in range(2):
+                marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+                marks[0].record()
+                out = model(ids, labels=ids)
+                marks[1].record()
+                out.loss.backward()
+                marks[2].record()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                marks[3].record()
+                torch.cuda.synchronize()
+                phases = {k: round(marks[i].elapsed_time(marks[i + 1]), 1) for i, k in enumerate(("fwd", "bwd", "opt"))}
+            rec["phases_ms"] = phases
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
                 out = model(ids, labels=ids)
                 out.loss.backward()
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+            print(
+                prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=50), flush=True
+            )
+            gpu_busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+            rec["gpu_busy_ms"] = round(gpu_busy, 1)
         times.sort()
         med = times[len(times) // 2]
         rec.update(

@@ -19,7 +19,7 @@ echo "checkpoint ready at $((SECONDS-START))s"
 for cfg in ${VT:-"none:2:2048:offload"}; do
   IFS=: read quant bs seq ckpt <<<"$cfg"
   timeout ${PER:-150} python3 bench/bench_train.py --dir $DIR --quant $quant --bs $bs --seq $seq --ckpt $ckpt ${PROFILE:+--profile} \
-    > /tmp/vt.txt 2>&1; grep -v '^RESULT' /tmp/vt.txt | tail -${TAILN:-3}
+    > /tmp/vt.txt 2>&1; cp /tmp/vt.txt "$OUT/vt_${quant}_${bs}x${seq}_${ckpt}.txt"; grep -v '^RESULT' /tmp/vt.txt | tail -${TAILN:-3}
   grep -h '^RESULT' /tmp/vt.txt | cut -c8- | tee -a "$OUT/results.jsonl"
 done
 for cfg in ${ANCHORS-"hf:none:2:2048 unsloth:none:2:2048"}; do
@@ -32,5 +32,6 @@ for l in sys.stdin:
   r=json.loads(l); r.pop('tb',None); print(json.dumps(r))" | tee -a "$OUT/results.jsonl"
   grep -q '^RESULT' /tmp/an.txt || tail -3 /tmp/an.txt
 done
+[ -n "${EXPORT_GB:-}" ] && python3 bench/bench_export.py --gb $EXPORT_GB --hidden 4096 --quants ${EXPORT_QUANTS:-f16 q8_0 q4_k_m} 2>&1 | grep -v "it/s" | tail -12 | tee "$OUT/export_bench.txt"
 python3 bench/bench_train.py table "$OUT/results.jsonl" | tee "$OUT/table.md"
 echo "total $((SECONDS-START))s"
