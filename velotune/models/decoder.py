@@ -163,6 +163,7 @@ def build_masks(
     attention_mask: torch.Tensor | None,
     q_len: int,
     k_len: int,
+    given_positions: bool = True,
 ) -> AttentionMasks:
     """Boolean masks for this forward, or None where plain causal attention (the fast path) is exact.
 
@@ -170,7 +171,7 @@ def build_masks(
     sliding layers need a mask only when the sequence is longer than the window.
     """
     padded = attention_mask is not None and not bool(attention_mask.all())
-    packed = q_len == k_len and q_len > 1 and bool((position_ids[:, 1:] == 0).any())
+    packed = given_positions and q_len == k_len and q_len > 1 and bool((position_ids[:, 1:] == 0).any())
     window = cfg.sliding_window if cfg.sliding_window and k_len > cfg.sliding_window else None
     if q_len == 1 and not padded and window is None:
         return AttentionMasks(None, None, causal=False)
@@ -248,12 +249,13 @@ class CausalLM(nn.Module):
         """Final-norm hidden states [B, T, H] for input_ids [B, T]."""
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
+        given_positions = position_ids is not None  # default positions are never packed: no host sync to check
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
         x = self.model.embed_tokens(input_ids)  # [B, T, H]
         if self.config.embedding_scale is not None:
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
-        masks = build_masks(self.config, position_ids, attention_mask, t, past + t)
+        masks = build_masks(self.config, position_ids, attention_mask, t, past + t, given_positions)
         tables: dict = {}
         mode = self.checkpoint_mode if self.training and torch.is_grad_enabled() else None
         for i, layer in enumerate(self.model.layers):
