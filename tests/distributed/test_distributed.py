@@ -1,0 +1,159 @@
+"""Training on 2 processes (torchrun, gloo, CPU) gives the 1-process run's losses and LoRA weights, with DDP and
+FSDP2, uneven row lengths and a short last step; checkpoints move between 1 and 2 processes. Fast tests cover the
+layout errors, the split of a step and the 1-process path against Trainer.accumulate."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed import worker
+from velotune.errors import ConfigError
+from velotune.lora.apply import lora_layers
+from velotune.train import distributed as vd
+from velotune.train.config import TrainConfig
+from velotune.train.loop import Trainer
+
+WORKER = Path(worker.__file__)
+TOL = 1e-5
+
+
+# ---- fast: no process group -------------------------------------------------------------------------------------
+
+
+def test_fsdp_on_one_process_is_refused():
+    with pytest.raises(ConfigError, match="strategy fsdp .* 1 process"):
+        vd.init_distributed("cpu", "fsdp", env={})
+
+
+def test_more_processes_than_gpus_is_refused():
+    with pytest.raises(ConfigError, match="4 processes asked for, but this host has 2 CUDA GPU"):
+        vd.check_layout(4, "ddp", "cuda", gpus=2)
+    vd.check_layout(4, "ddp", "cpu", gpus=0)  # CPU processes need no GPU
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ConfigError, match="strategy 'zero3' is unknown"):
+        vd.check_layout(2, "zero3", "cpu", gpus=0)
+
+
+def test_without_torchrun_env_one_process_and_no_group():
+    env = vd.init_distributed("cpu", "ddp", env={})
+    assert (env.rank, env.world_size, env.distributed) == (0, 1, False)
+    assert not torch.distributed.is_initialized()
+
+
+def test_launch_command_only_outside_torchrun():
+    cmd = vd.launch_command(2, ["train", "cfg.yaml"], env={})
+    assert cmd[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "velotune.cli.main",
+        "train",
+        "cfg.yaml",
+    ]
+    assert vd.launch_command(1, ["train"], env={}) is None
+    assert vd.launch_command(2, ["train"], env={"RANK": "0", "WORLD_SIZE": "2"}) is None
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 13])
+def test_step_split_covers_every_row_once_with_equal_micro_batch_counts(n):
+    rows = list(range(n))
+    parts = [vd.micro_batches(rows, 2, world_size=3, rank=r) for r in range(3)]
+    assert len({len(p) for p in parts}) == 1  # same number of forwards/backwards on every rank
+    assert sorted(x for p in parts for mb in p for x in mb) == rows
+
+
+def test_rank0_only_runs_once_on_one_process():
+    calls = []
+    assert vd.rank0_only(calls.append, 1) is None and calls == [1]
+
+
+def test_one_process_step_equals_trainer_accumulate():
+    model = worker.tiny_model()
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    rows = worker.examples(7)
+    cfg = TrainConfig(per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=1)
+    trainer = Trainer(a, rows, cfg, pad_id=0, progress=False)
+    loss_a, tokens_a = trainer.accumulate(trainer.split(rows))
+    loss_b, tokens_b = vd.Parallel(b, vd.DistEnv()).accumulate(rows, 2, pad_id=0)
+    assert abs(loss_a - loss_b) < TOL and tokens_a == tokens_b
+    for (name, la), lb in zip(lora_layers(a).items(), lora_layers(b).values(), strict=True):
+        torch.testing.assert_close(la.lora_A.grad, lb.lora_A.grad, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(la.lora_B.grad, lb.lora_B.grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_full_optimizer_state_roundtrip_on_one_process():
+    model = worker.tiny_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    vd.Parallel(model, vd.DistEnv()).accumulate(worker.examples(4), 2, pad_id=0)
+    opt.step()
+    sd = vd.full_optimizer_state(opt)
+    fresh = torch.optim.AdamW(params, lr=1e-2)
+    vd.load_full_optimizer_state(fresh, sd)
+    for i, s in sd["state"].items():
+        torch.testing.assert_close(fresh.state_dict()["state"][i]["exp_avg"], s["exp_avg"])
+    with pytest.raises(ConfigError, match="missing"):
+        vd.load_full_trainable_state(model, {})
+
+
+# ---- slow: torchrun with 2 processes ----------------------------------------------------------------------------
+
+
+def _run(out: Path, nproc: int = 1, strategy: str | None = None, *extra: str) -> dict:
+    launch = [sys.executable]
+    if nproc > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launch, str(WORKER), "--out", str(out), *(["--strategy", strategy] if strategy else []), *extra]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def _assert_same_run(got: dict, ref: dict) -> None:
+    assert got["losses"], "no steps ran"
+    for step, loss in got["losses"].items():
+        assert abs(loss - ref["losses"][step]) < TOL, (step, loss, ref["losses"][step])
+        assert abs(got["grad_norms"][step] - ref["grad_norms"][step]) < TOL
+    assert got["weights"].keys() == ref["weights"].keys()
+    for name, w in got["weights"].items():
+        torch.testing.assert_close(w, ref["weights"][name], rtol=0, atol=TOL, msg=name)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The 1-process reference: 4 steps, checkpoint after step 2."""
+    d = tmp_path_factory.mktemp("single")
+    ref = _run(d / "out.pt", 1, None, "--save-at", "2", "--save", str(d / "ckpt.pt"))
+    return ref, d / "ckpt.pt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_and_their_checkpoint_resumes_on_one(strategy, single, tmp_path):
+    ref, _ = single
+    two = _run(tmp_path / "two.pt", 2, strategy, "--save-at", "2", "--save", str(tmp_path / "ckpt.pt"))
+    _assert_same_run(two, ref)
+    resumed = _run(tmp_path / "resumed.pt", 1, None, "--resume", str(tmp_path / "ckpt.pt"))
+    assert sorted(resumed["losses"]) == [3, 4]
+    _assert_same_run(resumed, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_one_process_checkpoint_resumes_on_two(strategy, single, tmp_path):
+    ref, ckpt = single
+    resumed = _run(tmp_path / "resumed.pt", 2, strategy, "--resume", str(ckpt))
+    assert sorted(resumed["losses"]) == [3, 4]
+    _assert_same_run(resumed, ref)
