@@ -37,9 +37,9 @@ from velotune.export.gguf_arch import (
     HParams,
     add_hparams,
     arch_spec,
-    llama3_rope_factors,
     permute_qk,
     read_hparams,
+    rope_tensors,
 )
 from velotune.export.gguf_quants import QUANTIZERS
 from velotune.export.gguf_quants.mix import EXPORT_TYPES, ModelShape, tensor_type
@@ -76,6 +76,7 @@ class _Tensor:
     source: _Source | None
     data: np.ndarray | None = None  # generated tensors (rope_freqs) carry their values
     head_rows: int = 0  # > 0: q/k rows are permuted per head of this many rows (llama.cpp's rotary order)
+    add: float = 0.0  # added to every value (Gemma norms: llama.cpp stores 1 + w)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,8 @@ def _quantize_piece(piece: _Piece) -> np.ndarray:
     x = t.data[piece.row0 : piece.row1] if t.data is not None else _read_rows(t.source, piece.row0, piece.row1)
     if t.head_rows:
         x = permute_qk(x, n_head=x.shape[0] // t.head_rows)
+    if t.add:
+        x = x + np.float32(t.add)
     where = f"{t.source.name} in {t.source.path}" if t.source else t.name
     if not np.isfinite(x).all():
         raise ExportError(f"{where}: NaN or Inf values; the weights are broken (diverged training or a bad merge)")
@@ -197,9 +200,8 @@ def _plan(model_dir: Path, spec: ArchSpec, hp: HParams, quant: str) -> list[_Ten
     named = _map_names(_safetensors_sources(model_dir), spec, hp)
     shape = ModelShape(hp.n_layer, "output.weight" in named, is_70b=hp.n_layer == 80 and hp.n_head_kv < hp.n_head)
     tensors = []
-    factors = llama3_rope_factors(hp) if spec.llama3_rope_freqs else None
-    if factors is not None:
-        tensors.append(_Tensor("rope_freqs.weight", factors.shape, GGMLQuantizationType.F32, None, factors))
+    for gname, values in rope_tensors(spec, hp).items():
+        tensors.append(_Tensor(gname, values.shape, GGMLQuantizationType.F32, None, values))
     for gname in sorted(named, key=_layer_order):
         src = named[gname]
         head_rows = 0
@@ -211,7 +213,9 @@ def _plan(model_dir: Path, spec: ArchSpec, hp: HParams, quant: str) -> list[_Ten
                     "config.json; fix num_attention_heads / num_key_value_heads / head_dim"
                 )
             head_rows = hp.head_dim
-        tensors.append(_Tensor(gname, src.shape, tensor_type(gname, src.shape, quant, shape), src, None, head_rows))
+        add = spec.norm_offset if gname.endswith("norm.weight") else 0.0
+        qtype = tensor_type(gname, src.shape, quant, shape)
+        tensors.append(_Tensor(gname, src.shape, qtype, src, None, head_rows, add))
     return tensors
 
 
