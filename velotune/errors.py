@@ -31,3 +31,7 @@ class QuantizationError(VelotuneError):
 
 class ExportError(VelotuneError):
     """An export that cannot be written (format, architecture, disk space)."""
+
+
+class TrainingError(VelotuneError):
+    """Training cannot go on as configured (diverged, out of memory at micro-batch 1)."""

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from velotune.cli import data as data_cmd
 from velotune.cli import export as export_cmd
 from velotune.cli import generate as generate_cmd
+from velotune.cli import plan as plan_cmd
 from velotune.cli import train as train_cmd
 from velotune.errors import VelotuneError
 
-COMMANDS = {"train": train_cmd, "generate": generate_cmd, "data": data_cmd, "export": export_cmd}
+COMMANDS = {"train": train_cmd, "generate": generate_cmd, "data": data_cmd, "export": export_cmd, "plan": plan_cmd}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,28 +1,49 @@
-"""`velotune train [CONFIG.yaml] [--key value ...]`: fine-tune; without arguments, the embedded demo."""
+"""`velotune train [CONFIG.yaml] [--key value ...]`: fine-tune; without arguments, the embedded demo.
+
+`--resume` continues the run in output_dir from its latest checkpoint (`--resume PATH`: from that checkpoint), with
+the settings saved in the checkpoint unless given again. SIGINT/SIGTERM stop after the current step with a
+checkpoint, printing the command that resumes. VELOTUNE_FAULTS injects failures for tests (train/faults.py).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import sys
+import typing
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from velotune.errors import ConfigError
-from velotune.train.config import KEYS, load_yaml, run_config_from_dict, with_defaults
+from velotune.train.config import ALIASES, KEYS, SECTIONS, load_yaml, run_config_from_dict, with_defaults
 
 ACCEPTS_OVERRIDES = True
+FAULTS_ENV = "VELOTUNE_FAULTS"
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="fine-tune a model (no arguments: the embedded SmolLM2 demo)",
-        description="Fine-tune a model. Any config key can be given as --key value and overrides the YAML file. "
-        f"Keys: {', '.join(sorted(KEYS))}.",
+        description="Fine-tune a model. Any config key can be given as --key value and overrides the YAML file; "
+        "true/false keys may be given alone (--auto_batch_size). --resume continues the run in output_dir from its "
+        f"latest checkpoint, --resume PATH from that checkpoint. Keys: {', '.join(sorted(KEYS))}.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.usage = "velotune train [CONFIG.yaml] [--key value ...] [--no_progress]"
+    p.usage = "velotune train [CONFIG.yaml] [--key value ...] [--resume [PATH]] [--no_progress]"
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def _is_flag(key: str) -> bool:
+    """Keys that may be given without a value (meaning true): the true/false ones, and resume."""
+    if key not in KEYS:
+        return False
+    section, name = KEYS[key]
+    hint = typing.get_type_hints(SECTIONS[section])[name]
+    return hint is bool or bool in typing.get_args(hint)
 
 
 def parse_overrides(extra: list[str]) -> dict[str, Any]:
@@ -36,7 +57,11 @@ def parse_overrides(extra: list[str]) -> dict[str, Any]:
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
-                raise ConfigError(f"--{key} needs a value")
+                if not _is_flag(key):
+                    raise ConfigError(f"--{key} needs a value")
+                out[key] = True
+                i += 1
+                continue
             value = extra[i + 1]
             i += 1
         try:
@@ -47,19 +72,67 @@ def parse_overrides(extra: list[str]) -> dict[str, Any]:
     return out
 
 
+def resolve_values(config: str | None, extra: list[str]) -> dict[str, Any]:
+    """The run's flat config: YAML, then overrides; resuming, the checkpoint's saved settings underneath both."""
+    from velotune.train.checkpoint import find_checkpoint, saved_config
+
+    values = load_yaml(config) if config else {}
+    values.update(parse_overrides(extra))
+    values = {ALIASES.get(k, k): v for k, v in values.items()}
+    if values.get("resume") in (None, False):
+        return with_defaults(values)
+    checkpoint = find_checkpoint(values["resume"], values.get("output_dir"))
+    merged = saved_config(checkpoint) | values
+    merged["resume"] = str(checkpoint)
+    merged["output_dir"] = values.get("output_dir") or str(checkpoint.parent)
+    return merged
+
+
+def resume_command(config: str | None, extra: list[str], run_dir: Path, no_progress: bool) -> str:
+    """The command line that continues this run: the same arguments, the run directory, and --resume."""
+    kept: list[str] = []
+    i = 0
+    while i < len(extra):
+        key = extra[i][2:].partition("=")[0] if extra[i].startswith("--") else None
+        has_value = "=" not in extra[i] and i + 1 < len(extra) and not extra[i + 1].startswith("--")
+        if key in ("resume", "output_dir"):
+            i += 2 if has_value else 1
+            continue
+        kept.append(extra[i])
+        i += 1
+    args = ["velotune", "train", *([config] if config else []), *kept, "--output_dir", str(run_dir), "--resume"]
+    return shlex.join(args + (["--no_progress"] if no_progress else []))
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from velotune.train.faults import Faults
+    from velotune.train.loop import TrainingInterrupted
     from velotune.train.run import run as run_training
 
     config = extra.pop(0) if extra and not extra[0].startswith("--") else None
-    values = load_yaml(config) if config else {}
-    values.update(parse_overrides(extra))
-    cfg = run_config_from_dict(with_defaults(values), source=config or "command line")
-    result = run_training(cfg, progress=not args.no_progress)
+    original = list(extra)
+    cfg = run_config_from_dict(resolve_values(config, extra), source=config or "command line")
+    faults = Faults.parse(os.environ.get(FAULTS_ENV, ""))
+    try:
+        result = run_training(cfg, progress=not args.no_progress, faults=faults)
+    except TrainingInterrupted as stop:
+        run_dir = stop.checkpoint.parent if stop.checkpoint else Path(cfg.train.output_dir or ".")
+        print(f"\nvelotune: {stop}", file=sys.stderr)
+        print(f"resume with:\n  {resume_command(config, original, run_dir, args.no_progress)}", file=sys.stderr)
+        return 128 + stop.signum
+    _report(result, cfg)
+    return 0
+
+
+def _report(result: Any, cfg: Any) -> None:
     tr = result.train
-    print(
-        f"\ntrained {tr.steps} steps in {tr.seconds:.0f} s ({tr.tokens_per_second:.0f} tokens/s); "
-        f"loss {tr.losses[0]:.4f} -> {tr.losses[-1]:.4f}"
-    )
+    first, last = (f"{tr.losses[0]:.4f}", f"{tr.losses[-1]:.4f}") if tr.losses else ("-", "-")
+    speed = f"{tr.seconds:.0f} s ({tr.tokens_per_second:.0f} tokens/s)"
+    print(f"\ntrained {tr.steps} steps in {speed}; loss {first} -> {last}")
+    if tr.skipped:
+        print(f"skipped {len(tr.skipped)} steps with a non-finite loss or gradient norm (see metrics.jsonl)")
+    if tr.stopped_early:
+        print(f"stopped early (early_stopping_patience); best checkpoint: {tr.best_checkpoint}")
     if result.eval_loss is not None:
         print(f"eval loss {result.eval_loss:.4f}")
     if result.before and result.after:
@@ -73,9 +146,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         for s, ba, aa in zip(samples, b.answers, a.answers, strict=False):
             print(f"  prompt: {s.prompt[-1]['content']}\n    reference: {s.reference}")
             print(f"    base:  {ba!r}\n    tuned: {aa!r}")
-    print(
-        f"\nsaved to {result.run_dir}/: adapter/ (PEFT), metrics.jsonl, config.yaml, summary.json"
-        + (", merged/" if (result.run_dir / "merged").exists() else "")
-    )
+    outputs = ["adapter/ (PEFT)"] if (result.run_dir / "adapter").exists() else []
+    outputs += ["merged/"] if (result.run_dir / "merged").exists() else []
+    outputs += ["checkpoint-*/"] if tr.last_checkpoint else []
+    outputs += ["metrics.jsonl", "config.yaml", "summary.json"]
+    outputs += ["training_curves.png"] if (result.run_dir / "training_curves.png").exists() else []
+    print(f"\nsaved to {result.run_dir}/: {', '.join(outputs)}")
+    if result.plot_note and "training_curves.png" not in outputs:
+        print(result.plot_note)
     print(f'try it: velotune generate {result.run_dir} --prompt "..."')
-    return 0

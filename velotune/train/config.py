@@ -21,9 +21,10 @@ from velotune.errors import ConfigError
 from velotune.lora.apply import LoRAConfig
 
 SCHEDULERS = ("cosine", "linear", "constant")
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "adafactor", "sgd")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-FINETUNING = ("lora", "full")
+FINETUNING = ("lora", "full", "partial")
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
 PACKAGE_DATA = Path(__file__).resolve().parents[1] / "datasets"
 
 
@@ -33,7 +34,8 @@ class TrainConfig:
 
     model_name_or_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     output_dir: str | None = None  # None: runs/<model>-<timestamp>
-    finetuning: str = "lora"  # lora | full
+    finetuning: str = "lora"  # lora | full | partial (the top train_layers decoder layers, final norm, lm_head)
+    train_layers: float = 0  # finetuning partial: how many top layers train (>= 1), or a fraction of them (< 1)
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     load_in_4bit: bool = False  # NF4 base weights (QLoRA); bitsandbytes 4-bit checkpoints load as stored
     load_in_8bit: bool = False  # int8 base weights
@@ -52,6 +54,15 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     logging_steps: int = 1
+    save_steps: int = 500  # checkpoint every N steps and at the end (0: no checkpoints)
+    save_total_limit: int = 2  # checkpoints kept: the last N, plus the best by eval loss (0: keep all)
+    resume: bool | str = False  # true: from the latest checkpoint in output_dir; a path: from that checkpoint
+    eval_steps: int = 0  # eval loss and perplexity every N steps (0: only at the end)
+    per_device_eval_batch_size: int = 8
+    early_stopping_patience: int = 0  # stop after N evaluations without a lower eval loss (0: never)
+    max_bad_steps: int = 5  # stop after N steps in a row with a non-finite loss or gradient norm
+    auto_batch_size: bool = False  # CUDA: lower the micro-batch until a step fits (accumulation makes up the rest)
+    report_to: list[str] = field(default_factory=list)  # tensorboard, wandb (metrics.jsonl is always written)
     seed: int = 3407
     gradient_checkpointing: bool | str = True  # true | false | offload (saved layer inputs kept in host memory)
     save_merged: bool = False  # also write the merged 16-bit model in Hugging Face layout
@@ -68,19 +79,60 @@ class TrainConfig:
         _choice("optim", self.optim, OPTIMIZERS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("finetuning", self.finetuning, FINETUNING)
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+        for name in (
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "per_device_eval_batch_size",
+            "max_bad_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("save_steps", "save_total_limit", "eval_steps", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 (off) or a positive number of steps, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.gradient_checkpointing not in (True, False, "offload"):
             raise ConfigError(f"gradient_checkpointing: {self.gradient_checkpointing!r}; use true, false or offload")
         if self.load_in_4bit and self.load_in_8bit:
             raise ConfigError("load_in_4bit and load_in_8bit are both set; choose one")
-        if (self.load_in_4bit or self.load_in_8bit) and self.finetuning == "full":
-            raise ConfigError("full fine-tuning needs 16-bit weights; drop load_in_4bit/load_in_8bit or use LoRA")
+        if (self.load_in_4bit or self.load_in_8bit) and self.finetuning != "lora":
+            raise ConfigError(
+                f"{self.finetuning} fine-tuning needs 16-bit weights; drop load_in_4bit/load_in_8bit or use LoRA"
+            )
+        self._check_partial()
+        self.report_to = _report_targets(self.report_to)
+        if self.resume == "":
+            self.resume = False
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set max_steps or num_train_epochs to a positive value")
+
+    def _check_partial(self) -> None:
+        if self.finetuning == "partial":
+            if self.train_layers <= 0:
+                raise ConfigError(
+                    "finetuning: partial needs train_layers: the number of top decoder layers to train (e.g. 4) "
+                    "or a fraction of them (e.g. 0.25)"
+                )
+            if self.train_layers >= 1 and not float(self.train_layers).is_integer():
+                raise ConfigError(
+                    f"train_layers: {self.train_layers} is neither a whole number of layers nor a fraction below 1"
+                )
+        elif self.train_layers:
+            raise ConfigError(
+                f"train_layers: {self.train_layers} applies to finetuning: partial, but finetuning is "
+                f"{self.finetuning}; set finetuning: partial or drop train_layers"
+            )
+
+
+def _report_targets(values: list[str]) -> list[str]:
+    """report_to as a list of integrations: "all" means both, "none" none."""
+    out: list[str] = []
+    for value in values:
+        _choice("report_to", value, REPORT_TO)
+        out += {"none": [], "all": ["tensorboard", "wandb"]}.get(value, [value])
+    return list(dict.fromkeys(out))
 
 
 def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
@@ -93,6 +145,19 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        has_eval = self.data.eval_path is not None or self.data.eval_split > 0
+        if self.train.eval_steps and not has_eval:
+            raise ConfigError(
+                f"eval_steps: {self.train.eval_steps} needs eval data; set eval_dataset (a file) or eval_split "
+                "(a fraction of the training rows), or set eval_steps: 0"
+            )
+        if self.train.early_stopping_patience and not self.train.eval_steps:
+            raise ConfigError(
+                f"early_stopping_patience: {self.train.early_stopping_patience} watches the eval loss, which "
+                "eval_steps computes; set eval_steps (e.g. 50) or drop early_stopping_patience"
+            )
 
     def to_flat(self) -> dict[str, Any]:
         """The resolved config as the flat mapping a YAML file would hold."""
@@ -124,6 +189,10 @@ KEYS.update(
         "chat_template": ("data", "template"),
         "system_prompt": ("data", "system_prompt"),
         "field_map": ("data", "field_map"),
+        "dataset_split": ("data", "split"),
+        "dataset_cache": ("data", "cache"),
+        "dataset_cache_dir": ("data", "cache_dir"),
+        "dataset_num_proc": ("data", "num_proc"),
     }
 )
 ALIASES = {"model": "model_name_or_path", "r": "lora_r", "lora_target_modules": "target_modules"}

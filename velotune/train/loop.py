@@ -1,25 +1,61 @@
-"""The training loop: micro-batches, gradient accumulation normalised by target tokens, clipping, schedule, logs.
+"""The training loop: micro-batches, gradient accumulation normalised by target tokens, clipping, schedule, logs,
+and what lets a run be left alone overnight: checkpoints and exact resume, SIGINT/SIGTERM handling, skipping
+non-finite steps, out-of-memory recovery, periodic evaluation with early stopping, and the training monitor.
 
 The loss of an optimizer step is sum(token losses over all its micro-batches) / (target tokens in all of them),
-so accumulation 4 x batch 1 gives the same update as batch 4 x accumulation 1 whatever the sequence lengths.
+so accumulation 4 x batch 1 gives the same update as batch 4 x accumulation 1 whatever the sequence lengths; this
+is also why out-of-memory recovery can halve the micro-batch and double accumulation without changing the step.
+
+Step `s` (1-based) trains on a fixed slice of epoch (s - 1) // steps_per_epoch's seeded permutation, so the data
+order is a function of the step alone and a resumed run sees the batches the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
+import shutil
+import signal
+import threading
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from velotune.data import collate
+from velotune.errors import ConfigError, TrainingError
 from velotune.models.decoder import CausalLM, count_targets
+from velotune.train.checkpoint import (
+    METRICS,
+    TrainState,
+    load_checkpoint,
+    load_trainable,
+    remove_partial,
+    restore_rng,
+    rotate,
+    save_checkpoint,
+)
 from velotune.train.config import TrainConfig
-from velotune.train.optim import build_optimizer, build_scheduler
+from velotune.train.faults import Faults
+from velotune.train.monitor import Notice, TrainingMonitor
+from velotune.train.oom import free_memory, is_out_of_memory, largest_fitting, optimizer_state_bytes
+from velotune.train.optim import build_optimizer, build_scheduler, warmup_steps
+from velotune.train.report import MetricsLog, read_metrics
+
+
+class TrainingInterrupted(Exception):  # noqa: N818  (a stop the user asked for, not an error)
+    """SIGINT/SIGTERM stopped training at a step boundary, after a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        where = f"; checkpoint {checkpoint}" if checkpoint else ""
+        super().__init__(f"{name} received: stopped after step {step}{where}")
 
 
 @dataclass
@@ -28,6 +64,14 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     tokens: int = 0
     seconds: float = 0.0
+    start_step: int = 0  # steps done before this process began (resumed runs)
+    skipped: list[dict] = field(default_factory=list)
+    oom_events: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    last_checkpoint: Path | None = None
+    best_checkpoint: str | None = None
+    micro_batch_size: int = 0
+    accumulation: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -47,98 +91,387 @@ class Trainer:
         packing: bool = False,
         max_seq_length: int | None = None,
         progress: bool = True,
+        *,
+        eval_examples: Sequence[dict] | None = None,
+        config: dict[str, Any] | None = None,
+        faults: Faults | None = None,
+        integrations: list[Any] | None = None,
+        log: Callable[[str], Any] = print,
     ) -> None:
         self.model, self.examples, self.cfg = model, examples, cfg
         self.pad_id, self.packing, self.max_seq_length = pad_id, packing, max_seq_length
-        self.run_dir, self.progress = run_dir, progress
-        per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-        self.steps_per_epoch = max(1, math.ceil(len(examples) / per_step))
+        self.run_dir, self.progress, self.log = run_dir, progress, log
+        self.eval_examples, self.config, self.faults = eval_examples, config or {}, faults or Faults()
+        self.integrations = integrations or []  # report.py sinks (TensorBoard, W&B) beside metrics.jsonl
+        self.per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        self.steps_per_epoch = max(1, math.ceil(len(examples) / self.per_step))
         self.total_steps = (
             cfg.max_steps if cfg.max_steps > 0 else math.ceil(self.steps_per_epoch * cfg.num_train_epochs)
         )
-        self.optimizer = build_optimizer(model.parameters(), cfg)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        self.state = TrainState(
+            micro_batch_size=cfg.per_device_train_batch_size,
+            accumulation=cfg.gradient_accumulation_steps,
+            data=self._data_identity(),
+        )
+        warm = warmup_steps(cfg, self.total_steps)
+        self.monitor = TrainingMonitor(
+            cfg.learning_rate, cfg.gradient_accumulation_steps, warm, cfg.max_grad_norm, cfg.early_stopping_patience
+        )
+        self._orders: dict[int, list[int]] = {}
+        self._stop_signal: int | None = None
+        self._metrics: MetricsLog | None = None
+        self._bar: Any = None
+
+    # ---- data order -------------------------------------------------------------------------------------------
+
+    def _data_identity(self) -> dict:
+        rows = [self.examples[i].get("row") for i in range(min(4, len(self.examples)))]
+        return {"examples": len(self.examples), "per_step": self.per_step, "seed": self.cfg.seed, "first_rows": rows}
 
     def _order(self, epoch: int) -> list[int]:
-        gen = torch.Generator().manual_seed(self.cfg.seed + epoch)
-        return torch.randperm(len(self.examples), generator=gen).tolist()
+        if epoch not in self._orders:
+            gen = torch.Generator().manual_seed(self.cfg.seed + epoch)
+            self._orders = {epoch: torch.randperm(len(self.examples), generator=gen).tolist()}
+        return self._orders[epoch]
+
+    def step_examples(self, step: int) -> list[dict]:
+        """The examples of optimizer step `step` (1-based)."""
+        epoch, s = divmod(step - 1, self.steps_per_epoch)
+        idx = self._order(epoch)[s * self.per_step : (s + 1) * self.per_step]
+        return [self.examples[i] for i in idx]
+
+    def split(self, examples: list[dict]) -> list[list[dict]]:
+        """A step's examples as micro-batches of the micro-batch size in force."""
+        bs = self.state.micro_batch_size
+        return [examples[m : m + bs] for m in range(0, len(examples), bs)]
 
     def step_batches(self) -> Iterator[list[list[dict]]]:
         """For each optimizer step, its micro-batches (lists of examples), epoch after epoch."""
-        bs, acc = self.cfg.per_device_train_batch_size, self.cfg.gradient_accumulation_steps
-        epoch = 0
+        step = 1
         while True:
-            order = self._order(epoch)
-            for s in range(self.steps_per_epoch):
-                idx = order[s * bs * acc : (s + 1) * bs * acc]
-                if not idx:
-                    break
-                yield [[self.examples[i] for i in idx[m : m + bs]] for m in range(0, len(idx), bs)]
-            epoch += 1
+            yield self.split(self.step_examples(step))
+            step += 1
+
+    # ---- one step ---------------------------------------------------------------------------------------------
 
     def _batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = collate(examples, self.pad_id, packing=self.packing, max_seq_length=self.max_seq_length)
         return {k: v.to(self.model.device) for k, v in batch.items() if k in _MODEL_INPUTS}
 
-    def accumulate(self, micro_batches: list[list[dict]]) -> tuple[float, int]:
+    def accumulate(self, micro_batches: list[list[dict]], step: int = 0) -> tuple[float, int]:
         """Forward + backward of one optimizer step's micro-batches; returns (loss, tokens).
 
         Each micro-batch's summed token loss is divided by the target tokens of ALL micro-batches of the step.
         """
         batches = [self._batch(mb) for mb in micro_batches]
         n_targets = sum(count_targets(b["labels"], b["position_ids"]) for b in batches)
+        poison = float("nan") if step in self.faults.nonfinite_steps else None
         loss_total, tokens = 0.0, 0
-        for b in batches:
+        for i, b in enumerate(batches):
             out = self.model(**b, num_items_in_batch=max(n_targets, 1))
-            out.loss.backward()
-            loss_total += float(out.loss.detach())
+            loss = out.loss * poison if poison is not None else out.loss
+            loss.backward()
+            loss_total += float(loss.detach())
             tokens += int(b["attention_mask"].sum())
+            if i == 0:
+                self.faults.simulate_oom(step)  # test hook: after gradients exist, as a real OOM would
         return loss_total, tokens
 
-    def train_step(self, micro_batches: list[list[dict]]) -> tuple[float, float, int]:
-        """One optimizer step; returns (loss, grad norm, tokens)."""
-        loss, tokens = self.accumulate(micro_batches)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
-        self.optimizer.step()
-        self.scheduler.step()
+    def train_step(self, micro_batches: list[list[dict]], step: int = 0) -> tuple[float, float, int]:
+        """One optimizer step; returns (loss, grad norm, tokens). A step whose loss or gradient norm is not finite
+        leaves weights and optimizer untouched (the schedule still advances, keeping it tied to the step count)."""
+        loss, tokens = self.accumulate(micro_batches, step)
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            with warnings.catch_warnings():  # torch warns when the first step of a run is a skipped one
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm, tokens
 
-    def train(self) -> TrainResult:
+    def _run_step(self, step: int) -> tuple[list[dict], float, float, int]:
+        """train_step on step `step`'s examples, halving the micro-batch after each out-of-memory error."""
+        examples = self.step_examples(step)
+        while True:
+            try:
+                return (examples, *self.train_step(self.split(examples), step))
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc):
+                    raise
+            self._recover_from_oom(step, examples)  # outside `except`: the traceback and its tensors are gone
+
+    def _recover_from_oom(self, step: int, examples: list[dict]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        free_memory()
+        bs = self.state.micro_batch_size
+        if bs == 1:
+            longest = max(len(e["input_ids"]) for e in examples)
+            raise TrainingError(
+                f"out of GPU memory at step {step} with micro-batch 1 (longest row {longest} tokens): set "
+                "gradient_checkpointing: offload, load_in_4bit: true, or a lower max_seq_length; "
+                "`velotune plan CONFIG` shows what fits"
+            )
+        new_bs = bs // 2
+        acc = math.ceil(self.per_step / new_bs)
+        old_acc = self.state.accumulation
+        self.state.micro_batch_size, self.state.accumulation = new_bs, acc
+        event = {"step": step, "event": "out_of_memory", "per_device_train_batch_size": new_bs}
+        event["gradient_accumulation_steps"] = acc
+        self.state.oom_events.append(event)
+        self._record(event)
+        self._say(
+            f"out of GPU memory at step {step}: micro-batch {bs} -> {new_bs}, gradient accumulation {old_acc} -> "
+            f"{acc} (same {self.per_step} examples per step); retrying the step. Next time set "
+            f"per_device_train_batch_size: {new_bs} and gradient_accumulation_steps: {acc}"
+        )
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+
+    def train(self, resume_from: Path | None = None) -> TrainResult:
         self.model.train()
-        result = TrainResult()
-        log = open(self.run_dir / "metrics.jsonl", "a") if self.run_dir else None  # noqa: SIM115
-        bar = tqdm(total=self.total_steps, desc="training", unit="step", disable=not self.progress)
-        start = time.perf_counter()
+        if self.run_dir:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial(self.run_dir)
+        if resume_from is not None:
+            self.restore(resume_from)
+        result = TrainResult(start_step=self.state.step)
+        result.losses = [r["loss"] for r in self._restored_rows() if "loss" in r and "skipped" not in r]
+        self._metrics = MetricsLog(self.run_dir / METRICS if self.run_dir else None, self.integrations)
+        self._bar = tqdm(
+            total=self.total_steps, initial=self.state.step, desc="training", unit="step", disable=not self.progress
+        )
+        start = time.perf_counter() - self.state.elapsed_s
         try:
-            for step, micro in enumerate(self.step_batches(), start=1):
-                lr = self.scheduler.get_last_lr()[0]
-                loss, grad_norm, tokens = self.train_step(micro)
-                result.losses.append(loss)
-                result.tokens += tokens
-                result.steps = step
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if log and (step % self.cfg.logging_steps == 0 or step == self.total_steps):
-                    row = {
-                        "step": step,
-                        "loss": loss,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "tokens": result.tokens,
-                        "elapsed_s": round(time.perf_counter() - start, 3),
-                    }
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                if step >= self.total_steps:
-                    break
+            with self._signal_guard():
+                for step in range(self.state.step + 1, self.total_steps + 1):
+                    if self._one_step(step, result, start):
+                        break
         finally:
-            bar.close()
-            if log:
-                log.close()
+            self.state.elapsed_s = time.perf_counter() - start
+            self._bar.close()
+            self._metrics.close()
         result.seconds = time.perf_counter() - start
+        result.steps, result.tokens = self.state.step, self.state.tokens
+        result.skipped, result.oom_events = self.state.skipped, self.state.oom_events
+        result.stopped_early, result.best_checkpoint = self.state.stopped_early, self.state.best_checkpoint
+        result.micro_batch_size, result.accumulation = self.state.micro_batch_size, self.state.accumulation
         return result
+
+    def _restored_rows(self) -> list[dict]:
+        return read_metrics(self.run_dir / METRICS) if self.run_dir and self.state.step else []
+
+    def _one_step(self, step: int, result: TrainResult, start: float) -> bool:
+        """Train step `step`, then log, evaluate and checkpoint as due; True when training should stop."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.state.eval_loss = None
+        examples, loss, grad_norm, tokens = self._run_step(step)
+        self.state.step = step
+        self.state.epoch, self.state.step_in_epoch = divmod(step, self.steps_per_epoch)
+        self.state.tokens += tokens
+        self.state.elapsed_s = time.perf_counter() - start
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.state.bad_in_a_row = 0
+            result.losses.append(loss)
+            if step % self.cfg.logging_steps == 0 or step == self.total_steps:
+                row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.state.tokens}
+                self._record(row | {"elapsed_s": round(self.state.elapsed_s, 3)})
+            self._notify(self.monitor.observe(step, loss, grad_norm))
+        else:
+            self._skip(step, loss, grad_norm, lr, examples)
+        self.faults.stall(step)
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        stop = self._evaluate(step) if self._due(self.cfg.eval_steps, step) and self.eval_examples else False
+        self.state.stopped_early = stop
+        saved = None
+        if self._due(self.cfg.save_steps, step) or (self.cfg.save_steps and (stop or step == self.total_steps)):
+            saved = result.last_checkpoint = self.save()
+        if step in self.faults.signal_steps:
+            signal.raise_signal(self.faults.signal_steps[step])
+        if self._stop_signal is not None:
+            raise TrainingInterrupted(self._stop_signal, step, saved or self.save())
+        return stop
+
+    @staticmethod
+    def _due(every: int, step: int) -> bool:
+        return every > 0 and step % every == 0
+
+    def _skip(self, step: int, loss: float, grad_norm: float, lr: float, examples: list[dict]) -> None:
+        """Count and report a non-finite step; after max_bad_steps in a row, stop with a diagnosis."""
+        reason = "non-finite loss" if not math.isfinite(loss) else "non-finite gradient norm"
+        rows = [str(e.get("row", "?")) for e in examples]
+        self.state.bad_in_a_row += 1
+        entry = {"step": step, "skipped": reason, "rows": rows}
+        self.state.skipped.append(entry)
+        self._record(entry | {"bad_in_a_row": self.state.bad_in_a_row})
+        shown = ", ".join(rows[:8]) + (" ..." if len(rows) > 8 else "")
+        self._say(f"step {step} skipped: {reason} (weights and optimizer untouched); its rows: {shown}")
+        if self.state.bad_in_a_row >= self.cfg.max_bad_steps:
+            saved = self.save() if self.run_dir else None
+            raise TrainingError(self._diagnosis(step, lr, saved))
+
+    def _diagnosis(self, step: int, lr: float, saved: Path | None) -> str:
+        n = self.state.bad_in_a_row
+        recent = [r for e in self.state.skipped[-n:] for r in e["rows"]]
+        causes = [f"learning_rate {self.cfg.learning_rate:.1e} (now {lr:.1e}) too high: try {lr / 10:.1e}"]
+        if self.model.dtype == torch.float16:
+            causes.append("float16 overflow (dtype float16): use dtype: bfloat16, or float32 on older GPUs")
+        causes.append(f"bad rows in these batches: {', '.join(recent[:12])} (look at them: velotune data inspect)")
+        resume = f" {saved} holds the weights from before these steps; resume from it with a lower learning_rate."
+        resume = resume if saved else ""
+        return (
+            f"training stopped at step {step}: {n} steps in a row had a non-finite loss or gradient norm "
+            f"(max_bad_steps {self.cfg.max_bad_steps}; {len(self.state.skipped)} skipped in all). Likely causes: "
+            + "; ".join(causes)
+            + "."
+            + resume
+        )
+
+    def _evaluate(self, step: int) -> bool:
+        """Eval loss and perplexity into metrics; True when early stopping ends the run."""
+        assert self.eval_examples is not None
+        loss = evaluate_loss(self.model, self.eval_examples, self.pad_id, self.cfg.per_device_eval_batch_size)
+        self.state.eval_loss = loss
+        self._record({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
+        notices, stop = self.monitor.observe_eval(step, loss)
+        self._notify(notices)
+        return stop
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (and rotate old ones); None without a run directory."""
+        if self.run_dir is None:
+            return None
+        s = self.state
+        s.monitor = self.monitor.state_dict()
+        if s.eval_loss is not None and (s.best_eval_loss is None or s.eval_loss < s.best_eval_loss):
+            s.best_eval_loss, s.best_checkpoint = s.eval_loss, f"checkpoint-{s.step}"
+        pause = self.faults.pause_checkpoint if self.faults.checkpoint_pause else None
+        path = save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, s, self.config, pause)
+        rotate(self.run_dir, self.cfg.save_total_limit, s.best_checkpoint)
+        return path
+
+    def restore(self, path: Path) -> None:
+        """Put a checkpoint's weights, optimizer, schedule, RNG states, counters and metrics back."""
+        ckpt = load_checkpoint(path)
+        saved = ckpt.state
+        mine = self._data_identity()
+        if saved.data and saved.data != mine:
+            raise ConfigError(
+                f"{path}: the data order differs from the checkpoint's (it has {saved.data}, this run {mine}); "
+                "resume with the same dataset, batch size, gradient accumulation and seed"
+            )
+        load_trainable(self.model, ckpt.weights, path)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.scheduler.load_state_dict(ckpt.torch_state["scheduler"])
+        self._apply_learning_rate()
+        self.monitor.load_state_dict(saved.monitor)
+        self.state = saved
+        if self.run_dir and (ckpt.path / METRICS).exists():
+            shutil.copyfile(ckpt.path / METRICS, self.run_dir / METRICS)
+        restore_rng(saved.rng, ckpt.torch_state)  # last: nothing may draw random numbers after this
+
+    def _apply_learning_rate(self) -> None:
+        """After loading a schedule: use this config's learning_rate (resuming with a lower one after a divergence)."""
+        lr = self.cfg.learning_rate
+        if all(base == lr for base in self.scheduler.base_lrs):
+            return
+        self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = lr, lr * factor
+
+    # ---- micro-batch search -----------------------------------------------------------------------------------
+
+    def auto_micro_batch(self) -> str:
+        """CUDA: the largest micro-batch (per_step, per_step / 2, ..., 1) whose step fits, with accumulation making
+        up the rest of the batch; returns what was chosen (or why nothing was done)."""
+        if self.model.device.type != "cuda":
+            return (
+                f"auto_batch_size: nothing to do on {self.model.device.type} (it searches GPU memory); "
+                f"micro-batch stays {self.state.micro_batch_size}"
+            )
+        longest = max(range(len(self.examples)), key=lambda i: len(self.examples[i]["input_ids"]))
+        probe = self.examples[longest]
+        reserve = optimizer_state_bytes(self.params, self.cfg.optim)
+        found = largest_fitting(self.per_step, lambda bs: self._fits(probe, bs, reserve))
+        if found is None:
+            raise TrainingError(
+                f"auto_batch_size: even one row of {len(probe['input_ids'])} tokens does not fit in GPU memory; set "
+                "gradient_checkpointing: offload, load_in_4bit: true, or a lower max_seq_length"
+            )
+        self.state.micro_batch_size, self.state.accumulation = found, math.ceil(self.per_step / found)
+        return (
+            f"auto_batch_size: micro-batch {found} x gradient accumulation {self.state.accumulation} "
+            f"({self.per_step} examples per step, rows up to {len(probe['input_ids'])} tokens)"
+        )
+
+    def _fits(self, example: dict, bs: int, reserve: int) -> bool:
+        held = torch.empty(reserve, dtype=torch.uint8, device=self.model.device)  # the optimizer states to come
+        try:
+            self.accumulate([[example] * bs])
+            ok = True
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            ok = False
+        del held
+        self.optimizer.zero_grad(set_to_none=True)
+        free_memory()
+        return ok
+
+    # ---- reporting --------------------------------------------------------------------------------------------
+
+    def _record(self, row: dict) -> None:
+        if self._metrics is not None:
+            self._metrics.write(row)
+
+    def _say(self, text: str) -> None:
+        """A message above the progress bar (or through `log` without one)."""
+        if self._bar is not None and not self._bar.disable:
+            tqdm.write(text)
+        else:
+            self.log(text)
+
+    def _notify(self, notices: list[Notice]) -> None:
+        for n in notices:
+            self._say(n.message)
+            self._record(n.row())
+
+    @contextlib.contextmanager
+    def _signal_guard(self) -> Iterator[None]:
+        """SIGINT/SIGTERM finish the current step, checkpoint and stop; a second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.getsignal(s) for s in signals}
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:
+                signal.signal(signum, previous[signum])
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            self._say(
+                f"{signal.Signals(signum).name} received: writing a checkpoint after this step, then stopping "
+                "(send it again to stop at once)"
+            )
+
+        for s in signals:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s in signals:
+                signal.signal(s, previous[s])
 
 
 _MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")

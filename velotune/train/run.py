@@ -1,8 +1,10 @@
-"""A whole fine-tuning run: load, attach LoRA, tokenize, score before, train, score after, save."""
+"""A whole fine-tuning run: load, attach LoRA (or choose the layers that train), tokenize, score before, train
+(resuming from a checkpoint when asked), score after, save, plot."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,11 +18,16 @@ from velotune.data import build_datasets
 from velotune.errors import ConfigError, DataError
 from velotune.lora.apply import get_peft_model, merge_lora
 from velotune.lora.peft_format import save_adapter
-from velotune.models.decoder import num_parameters
+from velotune.models.decoder import CausalLM, num_parameters
 from velotune.quant.loading import load_quantized
+from velotune.train.checkpoint import METRICS, config_differences, find_checkpoint, saved_config
 from velotune.train.compare import Score, held_out_samples, score
 from velotune.train.config import RunConfig
+from velotune.train.explain import explain_untrainable
+from velotune.train.faults import Faults
 from velotune.train.loop import Trainer, TrainResult, evaluate_loss
+from velotune.train.memory import GiB, estimate, layers_trained, setting_for, usable_bytes
+from velotune.train.report import MetricsLog, open_integrations, plot_metrics
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,6 +60,52 @@ def check_paths(cfg: RunConfig) -> None:
             raise DataError(f"{key} {value!r} does not exist; give the path of a .jsonl, .json, .csv or .parquet file")
 
 
+def freeze_for_partial(model: CausalLM, train_layers: float) -> int:
+    """Train only the top decoder layers, the final norm and lm_head; returns how many layers train."""
+    layers = model.model.layers
+    n = layers_trained(train_layers, len(layers))
+    model.requires_grad_(False)
+    for module in (*layers[len(layers) - n :], model.model.norm, model.lm_head):
+        module.requires_grad_(True)
+    return n
+
+
+def prepare_model(model: CausalLM, cfg: RunConfig, log: Callable[[str], Any]) -> None:
+    """LoRA, partial or full fine-tuning, and activation checkpointing, as the config says."""
+    if cfg.train.finetuning == "lora":
+        get_peft_model(model, cfg.lora)
+    elif cfg.train.finetuning == "partial":
+        n = freeze_for_partial(model, cfg.train.train_layers)
+        tied = " (lm_head is tied to the embeddings, which train with it)" if model.config.tie_word_embeddings else ""
+        log(f"partial fine-tuning: the top {n} of {len(model.model.layers)} layers, final norm and lm_head{tied}")
+    model.gradient_checkpointing = cfg.train.gradient_checkpointing
+
+
+def check_resume(checkpoint: Path, resolved: dict[str, Any], log: Callable[[str], Any]) -> None:
+    """Refuse settings that would change the resumed run's batches or steps; note the harmless changes."""
+    saved = saved_config(checkpoint)
+    different = config_differences(saved, resolved)
+    if different:
+        raise ConfigError(
+            f"--resume {checkpoint}: the checkpoint was trained with other settings ({'; '.join(different)}); "
+            "resume with the checkpoint's settings (drop these overrides), or start a new run in another output_dir"
+        )
+    changed = [k for k in resolved if k not in ("resume", "output_dir") and saved.get(k, resolved[k]) != resolved[k]]
+    if changed:
+        log(f"resuming with changed settings: {', '.join(f'{k}: {saved[k]!r} -> {resolved[k]!r}' for k in changed)}")
+
+
+def load_data(cfg: RunConfig, tok: Any) -> tuple[Any, Any]:
+    """Train and eval datasets; a dataset with nothing to train on fails with the example that shows why."""
+    try:
+        return build_datasets(cfg.data, tok)
+    except DataError as exc:
+        extra = explain_untrainable(cfg.data, tok)
+        if not extra:
+            raise
+        raise DataError(f"{exc}{extra}") from exc
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -60,26 +113,50 @@ class RunResult:
     before: Score | None
     after: Score | None
     eval_loss: float | None
+    resumed_from: Path | None = None
+    peak_memory: int | None = None  # bytes, CUDA only
+    planned_memory: int | None = None
+    plot_note: str = ""
 
 
-def run(cfg: RunConfig, progress: bool = True, log: Callable[[str], Any] = print) -> RunResult:
+def _plan(model: CausalLM, cfg: RunConfig, device: torch.device, log: Callable[[str], Any]) -> int | None:
+    """On CUDA: the planner's prediction for this run, printed beside the device's memory."""
+    if device.type != "cuda":
+        return None
+    est = estimate(model.config, setting_for(cfg, model.config))
+    capacity = torch.cuda.get_device_properties(device).total_memory
+    fits = "fits" if est.total <= usable_bytes(capacity) else "may NOT fit (out-of-memory recovery will halve it)"
+    log(
+        f"memory plan: predicted peak {est.total / GiB:.1f} GiB of {capacity / GiB:.1f} GiB: {fits}; "
+        "`velotune plan CONFIG` shows the parts and the fastest setting that fits"
+    )
+    torch.cuda.reset_peak_memory_stats(device)
+    return est.total
+
+
+def run(
+    cfg: RunConfig, progress: bool = True, log: Callable[[str], Any] = print, faults: Faults | None = None
+) -> RunResult:
     """Fine-tune as `cfg` says and write the run directory; returns what happened."""
     check_paths(cfg)
+    resume_from = find_checkpoint(cfg.train.resume, cfg.train.output_dir) if cfg.train.resume else None
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(cfg.train.dtype, device)
     torch.manual_seed(cfg.train.seed)
     model, tok = load_quantized(cfg.train.model_name_or_path, cfg.train.quantization, dtype, device)
-    run_dir = run_dir_for(cfg)
+    run_dir = resume_from.parent if resume_from and not cfg.train.output_dir else run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     resolved = cfg.to_flat() | {"model_name_or_path": getattr(model, "source", cfg.train.model_name_or_path)}
+    if resume_from:
+        check_resume(resume_from, resolved, log)
+        log(f"resuming from {resume_from}")
+    else:
+        (run_dir / METRICS).unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
-    train_ds, eval_ds = build_datasets(cfg.data, tok)
+    train_ds, eval_ds = load_data(cfg, tok)
     log(train_ds.report())
-    if cfg.train.finetuning == "lora":
-        get_peft_model(model, cfg.lora)
-    model.gradient_checkpointing = cfg.train.gradient_checkpointing
+    prepare_model(model, cfg, log)
     trainable, total = num_parameters(model, trainable_only=True), num_parameters(model)
     quant = f", {model.quantization} base" if model.quantization else ""
     name = resolved["model_name_or_path"]
@@ -88,29 +165,85 @@ def run(cfg: RunConfig, progress: bool = True, log: Callable[[str], Any] = print
     samples = held_out_samples(cfg.data, cfg.train.compare_samples)
     before = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
     pad_id = tok.pad_token_id
-    trainer = Trainer(model, train_ds, cfg.train, pad_id, run_dir, cfg.data.packing, cfg.data.max_seq_length, progress)
-    result = trainer.train()
-    eval_loss = evaluate_loss(model, eval_ds, pad_id) if eval_ds is not None and len(eval_ds) else None
+    trainer = Trainer(
+        model,
+        train_ds,
+        cfg.train,
+        pad_id,
+        run_dir,
+        cfg.data.packing,
+        cfg.data.max_seq_length,
+        progress,
+        eval_examples=eval_ds if cfg.train.eval_steps and eval_ds is not None and len(eval_ds) else None,
+        config=resolved,
+        faults=faults,
+        integrations=open_integrations(cfg.train.report_to, run_dir, resolved, log),
+        log=log,
+    )
+    if cfg.train.auto_batch_size:
+        log(trainer.auto_micro_batch())
+    planned = _plan(model, cfg, device, log)
+    result = trainer.train(resume_from)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    if peak is not None and planned:
+        error = 100 * (planned / peak - 1)
+        log(f"peak GPU memory {peak / GiB:.2f} GiB (planned {planned / GiB:.2f} GiB, {error:+.0f}%)")
+    eval_loss = _final_eval(model, eval_ds, pad_id, cfg, result, run_dir)
     after = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
 
+    _save_outputs(model, tok, cfg, run_dir, resolved["model_name_or_path"], dtype)
+    out = RunResult(run_dir, result, before, after, eval_loss, resume_from, peak, planned)
+    out.plot_note = plot_metrics(run_dir / METRICS, run_dir / "training_curves.png")
+    (run_dir / "summary.json").write_text(json.dumps(_summary(out), indent=2))
+    return out
+
+
+def _final_eval(model: CausalLM, eval_ds: Any, pad_id: int, cfg: RunConfig, result: TrainResult, run_dir: Path):
+    """Eval loss after training; with eval_steps, also a metrics.jsonl row (unless the last step evaluated)."""
+    if eval_ds is None or not len(eval_ds):
+        return None
+    loss = evaluate_loss(model, eval_ds, pad_id, cfg.train.per_device_eval_batch_size)
+    every = cfg.train.eval_steps
+    if every and result.steps % every:  # periodic evaluation on: the end gets its row too
+        metrics = MetricsLog(run_dir / METRICS)
+        metrics.write({"step": result.steps, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
+        metrics.close()
+    return loss
+
+
+def _save_outputs(model: CausalLM, tok: Any, cfg: RunConfig, run_dir: Path, source: str, dtype: torch.dtype) -> None:
     if cfg.train.finetuning == "lora":
-        save_adapter(model, run_dir / "adapter", base_model=resolved["model_name_or_path"])
+        save_adapter(model, run_dir / "adapter", base_model=source)
         tok.save_pretrained(str(run_dir / "adapter"))
-    if cfg.train.save_merged or cfg.train.finetuning == "full":
+    if cfg.train.save_merged or cfg.train.finetuning != "lora":
         from velotune.export.hf import save_hf
 
         merged = merge_lora(model) if cfg.train.finetuning == "lora" else model
         save_hf(merged, tok, run_dir / "merged", dtype=torch.bfloat16 if dtype != torch.float32 else torch.float32)
-    summary = {
-        "steps": result.steps,
-        "first_loss": result.losses[0] if result.losses else None,
-        "last_loss": result.losses[-1] if result.losses else None,
-        "eval_loss": eval_loss,
-        "tokens_per_second": round(result.tokens_per_second, 1),
-        "seconds": round(result.seconds, 1),
+
+
+def _summary(out: RunResult) -> dict[str, Any]:
+    tr = out.train
+    summary: dict[str, Any] = {
+        "steps": tr.steps,
+        "first_loss": tr.losses[0] if tr.losses else None,
+        "last_loss": tr.losses[-1] if tr.losses else None,
+        "eval_loss": out.eval_loss,
+        "tokens_per_second": round(tr.tokens_per_second, 1),
+        "seconds": round(tr.seconds, 1),
+        "resumed_from": str(out.resumed_from) if out.resumed_from else None,
+        "skipped_steps": tr.skipped,
+        "out_of_memory": tr.oom_events,
+        "micro_batch_size": tr.micro_batch_size,
+        "gradient_accumulation_steps": tr.accumulation,
+        "stopped_early": tr.stopped_early,
+        "last_checkpoint": str(tr.last_checkpoint) if tr.last_checkpoint else None,
+        "best_checkpoint": tr.best_checkpoint,
     }
-    if before and after:
-        summary["before"] = {"correct": before.correct, "total": before.total, "answers": before.answers}
-        summary["after"] = {"correct": after.correct, "total": after.total, "answers": after.answers}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return RunResult(run_dir, result, before, after, eval_loss)
+    if out.peak_memory is not None:
+        summary["peak_gpu_memory_gib"] = round(out.peak_memory / GiB, 3)
+        summary["planned_gpu_memory_gib"] = round((out.planned_memory or 0) / GiB, 3)
+    if out.before and out.after:
+        summary["before"] = {"correct": out.before.correct, "total": out.before.total, "answers": out.before.answers}
+        summary["after"] = {"correct": out.after.correct, "total": out.after.total, "answers": out.after.answers}
+    return summary

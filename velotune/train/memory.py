@@ -1,0 +1,332 @@
+"""Memory planner: peak GPU memory of a training step predicted from the model's shapes, before anything loads.
+
+The prediction is what torch.cuda.max_memory_allocated() reports (the CUDA context and allocator slack come on top
+and are handled by the "fits" check). Its parts, for T = micro-batch x sequence tokens, H hidden, I intermediate,
+L layers, V vocabulary, and a = bytes per activation value (2 in bf16):
+
+- weights: decoder linears at 2 bytes/param (bf16), NF4 ~0.52 (4 bits + double-quantized absmax), int8 1 (+ a
+  float32 scale per row); embeddings, lm_head and norms stay 16-bit;
+- trained parameters: LoRA A/B in fp32 (value, gradient, optimizer states); full/partial fine-tuning adds the
+  gradient and optimizer states of the 16-bit weights (AdamW: 2 states in the parameter dtype; adamw_8bit ~2.03 bytes;
+  adafactor: a row and a column vector per matrix; sgd: none);
+- saved activations, per token and layer, what our decoder keeps for backward: the layer input, two norm outputs,
+  q and k after rope, v, the attention output and its o_proj copy, the mid-layer residual, gate, up and the GLU
+  output: 4H + 3 q_dim + 2 kv_dim + 3I values. Without checkpointing all L layers keep them; with recompute only
+  each layer's input (T x H) is kept, plus one layer's full set while it is recomputed; with offload the inputs live
+  in host memory and only the layer being recomputed is on the GPU;
+- backward working memory of one layer (T x (3I + 2H)); rope tables; with NF4/int8, one linear's weight
+  dequantized to 16 bits at a time;
+- the loss: the decoder's chunked cross-entropy keeps one [chunk x V] logits buffer in the activation dtype (the
+  gradient is written over it), chunk = CE_CHUNK_TOKENS (4096: the same bytes as 1024 tokens x V in fp32 x 2), plus
+  the final hidden states, their copy for target tokens and their gradient (3 x T x H); training lm_head adds its
+  fp32 gradient (V x H x 4);
+- a boolean attention mask and its 16-bit additive form (B x T^2 x 3 bytes) when batches are padded or packed.
+
+These are estimates, written so each term can be checked against bench/bench_planner.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from velotune.errors import ConfigError
+from velotune.models.config import ModelConfig
+from velotune.train.config import RunConfig
+
+GiB = 2**30
+MiB = 2**20
+CE_CHUNK_TOKENS = 4096  # velotune.kernels.cross_entropy.linear_cross_entropy's chunk_size
+CUDA_CONTEXT = 1 * GiB  # CUDA context, cuBLAS workspace: on the device, not in max_memory_allocated
+FRAGMENTATION = 0.95  # share of the rest the caching allocator can hand out in practice
+# Memory each card reports (nvidia-smi MiB); names as `--gpu` accepts them.
+GPUS: dict[str, int] = {
+    "T4": 15360 * MiB,
+    "RTX4090": 24564 * MiB,
+    "A100-40GB": 40960 * MiB,
+    "A100-80GB": 81920 * MiB,
+    "H100": 81559 * MiB,
+    "H200": 143771 * MiB,
+}
+QUANT_BYTES = {None: None, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}  # per weight; None: param_bytes
+CHECKPOINTING = {None: "none", "checkpoint": "recompute", "offload": "offload"}
+# Relative cost per token, for ranking settings that fit: recompute adds a forward (4/3); offload a little more;
+# 4-bit dequantizes weights on the fly; short micro-batches leave the GPU partly idle.
+COMPUTE_COST = {None: 1.0, "checkpoint": 4 / 3, "offload": 4 / 3 * 1.05}
+QUANT_COST = {None: 1.0, "nf4": 1.1, "int8": 1.1}
+HALF_UTILISATION_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a training step's memory depends on besides the model."""
+
+    micro_batch: int = 1
+    seq_len: int = 2048
+    checkpointing: str | None = "checkpoint"  # None | "checkpoint" (recompute) | "offload"
+    quantization: str | None = None  # None | "nf4" | "int8"
+    finetuning: str = "lora"  # lora | full | partial
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    train_layers: int = 0  # partial: top layers trained
+    optim: str = "adamw_torch"
+    param_bytes: int = 2  # bf16 weights and activations
+    masked: bool = False  # padded or packed batches: attention takes a [B, 1, T, T] mask
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+
+@dataclass
+class Estimate:
+    setting: Setting
+    parts: dict[str, int] = field(default_factory=dict)  # what -> bytes
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def table(self) -> str:
+        width = max(len(k) for k in self.parts)
+        lines = [f"  {k:<{width}}  {v / GiB:7.2f} GiB" for k, v in self.parts.items()]
+        return "\n".join(lines + [f"  {'predicted peak':<{width}}  {self.total / GiB:7.2f} GiB"])
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of each projection of one decoder layer."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
+
+
+def _norms_per_layer(cfg: ModelConfig) -> int:
+    return cfg.hidden_size * (4 if cfg.sandwich_norm else 2) + (2 * cfg.head_dim if cfg.qk_norm else 0)
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    per_layer = sum(a * b for a, b in linear_shapes(cfg).values()) + _norms_per_layer(cfg)
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+    return cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size + head + cfg.hidden_size
+
+
+def _weights(cfg: ModelConfig, s: Setting) -> int:
+    per_weight = QUANT_BYTES[s.quantization] or s.param_bytes
+    linears = sum(
+        a * b * per_weight + (4 * b if s.quantization == "int8" else 0) for a, b in linear_shapes(cfg).values()
+    )
+    vh = cfg.vocab_size * cfg.hidden_size
+    rest = _norms_per_layer(cfg) * cfg.num_layers + cfg.hidden_size + vh * (1 if cfg.tie_word_embeddings else 2)
+    return int(cfg.num_layers * linears + rest * s.param_bytes)
+
+
+def trained_matrices(cfg: ModelConfig, s: Setting) -> list[tuple[int, int, int]]:
+    """(rows, cols, bytes per value) of every trained parameter (vectors as rows x 1)."""
+    shapes = linear_shapes(cfg)
+    if s.finetuning == "lora":
+        per_layer = [
+            m for t in s.lora_targets if t in shapes for m in ((s.lora_r, shapes[t][0]), (shapes[t][1], s.lora_r))
+        ]
+        return [(r, c, 4) for r, c in per_layer * cfg.num_layers]
+    layer = [(b, a, s.param_bytes) for a, b in shapes.values()] + [(_norms_per_layer(cfg), 1, s.param_bytes)]
+    n_layers = cfg.num_layers if s.finetuning == "full" else min(s.train_layers, cfg.num_layers)
+    out = layer * n_layers + [(cfg.hidden_size, 1, s.param_bytes), (cfg.vocab_size, cfg.hidden_size, s.param_bytes)]
+    if s.finetuning == "full" and not cfg.tie_word_embeddings:
+        out.append((cfg.vocab_size, cfg.hidden_size, s.param_bytes))  # embeddings besides lm_head
+    return out
+
+
+def _optimizer_bytes(rows: int, cols: int, value_bytes: int, optim: str) -> float:
+    n = rows * cols
+    if optim in ("adamw_torch", "adamw_torch_fused"):
+        return 2 * n * value_bytes
+    if optim == "adamw_8bit":
+        return n * (2 + 8 / 256) if n >= 4096 else 8 * n
+    if optim == "adafactor":
+        return 4 * (rows + cols) if cols > 1 else 4 * n
+    return 0.0
+
+
+def _trained(cfg: ModelConfig, s: Setting) -> tuple[int, int]:
+    """(bytes of trained values and gradients, bytes of optimizer states)."""
+    mats = trained_matrices(cfg, s)
+    values = sum(r * c * b for r, c, b in mats) if s.finetuning == "lora" else 0  # 16-bit weights counted already
+    grads = sum(r * c * b for r, c, b in mats)
+    states = sum(_optimizer_bytes(r, c, b, s.optim) for r, c, b in mats)
+    return int(values + grads), int(states)
+
+
+def layer_activation_values(cfg: ModelConfig, s: Setting) -> int:
+    """Values per token one decoder layer keeps for backward."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    sandwich = 2 * h if cfg.sandwich_norm else 0
+    lora = s.lora_r * len(s.lora_targets) if s.finetuning == "lora" else 0
+    return 4 * h + 3 * q + 2 * kv + 3 * i + sandwich + lora
+
+
+def estimate(cfg: ModelConfig, s: Setting) -> Estimate:
+    """Predicted peak allocated GPU memory of one training step, by part."""
+    a, t, h = s.param_bytes, s.tokens, cfg.hidden_size
+    layer = t * layer_activation_values(cfg, s) * a
+    saved = {None: cfg.num_layers * layer, "checkpoint": cfg.num_layers * t * h * a, "offload": t * h * a}
+    recompute = 0 if s.checkpointing is None else layer
+    working = t * (3 * cfg.intermediate_size + 2 * h) * a + t * cfg.head_dim * a * 2
+    if s.quantization:
+        working += max(x * y for x, y in linear_shapes(cfg).values()) * a
+    head_trains = s.finetuning != "lora"
+    loss = min(t, CE_CHUNK_TOKENS) * cfg.vocab_size * a + 3 * t * h * a
+    loss += cfg.vocab_size * h * 4 if head_trains else 0
+    values, states = _trained(cfg, s)
+    weights_label = {None: "weights (16-bit)", "nf4": "weights (NF4 decoder, 16-bit embeddings)"}
+    label = f"saved activations ({CHECKPOINTING[s.checkpointing]})"
+    parts = {
+        weights_label.get(s.quantization, "weights (int8 decoder, 16-bit embeddings)"): _weights(cfg, s),
+        "trained parameters and gradients": values,
+        f"optimizer states ({s.optim})": states,
+        label: saved[s.checkpointing],
+        "attention mask": 3 * s.micro_batch * s.seq_len**2 if s.masked else 0,
+        "peak of: loss / layer backward": max(loss, recompute + working),
+    }
+    return Estimate(s, parts)
+
+
+def usable_bytes(capacity: int) -> int:
+    return int((capacity - CUDA_CONTEXT) * FRAGMENTATION)
+
+
+def relative_cost(s: Setting) -> float:
+    """Time per token relative to a saturated 16-bit step without recompute (for ranking only)."""
+    utilisation = s.tokens / (s.tokens + HALF_UTILISATION_TOKENS)
+    return COMPUTE_COST[s.checkpointing] * QUANT_COST[s.quantization] / utilisation
+
+
+@dataclass
+class Recommendation:
+    setting: Setting
+    accumulation: int
+    estimate: Estimate
+
+    def describe(self) -> str:
+        s = self.setting
+        quant = {None: "16-bit", "nf4": "4-bit (load_in_4bit)", "int8": "8-bit (load_in_8bit)"}[s.quantization]
+        return (
+            f"micro-batch {s.micro_batch}, gradient_accumulation_steps {self.accumulation}, gradient_checkpointing "
+            f"{CHECKPOINTING[s.checkpointing]}, {quant} weights: predicted {self.estimate.total / GiB:.1f} GiB"
+        )
+
+    def overrides(self) -> str:
+        s = self.setting
+        gc = {None: "false", "checkpoint": "true", "offload": "offload"}[s.checkpointing]
+        out = (
+            f"--per_device_train_batch_size {s.micro_batch} --gradient_accumulation_steps {self.accumulation} "
+            f"--gradient_checkpointing {gc}"
+        )
+        return out + (" --load_in_4bit true" if s.quantization == "nf4" else "")
+
+
+def recommend(cfg: ModelConfig, s: Setting, effective_batch: int, capacity: int) -> Recommendation | None:
+    """The fastest setting (micro-batch, accumulation, checkpointing, 4-bit or not) that fits in `capacity` bytes,
+    keeping the effective batch; None when nothing fits."""
+    quants = [s.quantization] if s.finetuning != "lora" or s.quantization else [None, "nf4"]
+    sizes = sorted({2**k for k in range(int(math.log2(max(1, effective_batch))) + 1)} | {effective_batch})
+    best: Recommendation | None = None
+    for quant in quants:
+        for policy in COMPUTE_COST:
+            for mb in sizes:
+                trial = replace(s, micro_batch=mb, checkpointing=policy, quantization=quant)
+                est = estimate(cfg, trial)
+                if est.total > usable_bytes(capacity):
+                    continue
+                option = Recommendation(trial, math.ceil(effective_batch / mb), est)
+                if best is None or relative_cost(trial) < relative_cost(best.setting):
+                    best = option
+    return best
+
+
+def parse_gpu(text: str) -> tuple[str, int]:
+    """(name, bytes) for a known card name (T4, RTX4090, A100-40GB, A100-80GB, H100, H200) or a size (24GB, 80GiB)."""
+    names = {k.lower().replace("-", ""): k for k in GPUS}
+    key = text.lower().replace("-", "").replace(" ", "")
+    if key in names:
+        return names[key], GPUS[names[key]]
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(gb|gib|g)", key)
+    if m:
+        return f"{m.group(1)} GB", int(float(m.group(1)) * (GiB if m.group(2) == "gib" else 1e9))
+    raise ConfigError(f"--gpu {text!r}: expected a size such as 24GB or one of: {', '.join(GPUS)}")
+
+
+def read_model_config(source: str | None) -> tuple[ModelConfig, str]:
+    """(ModelConfig, where it was read) from config.json or GGUF metadata alone: no weights are read."""
+    from velotune.models.families import family_for, family_for_gguf
+    from velotune.models.load import default_model_path, read_hf_config
+
+    path = default_model_path() if source is None else Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        import gguf
+
+        from velotune.models.gguf_import import read_metadata
+
+        arch, meta = read_metadata(gguf.GGUFReader(str(path)))
+        spec = family_for_gguf(arch)
+        assert spec.from_gguf is not None
+        return spec.from_gguf(meta), str(path)
+    if path.is_dir():
+        hf = read_hf_config(path)
+    elif source is not None and source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        hf = _hub_config(source)
+    else:
+        raise ConfigError(f"model {source!r}: expected a Hugging Face directory, a .gguf file or a hub id")
+    if "model_type" not in hf:
+        raise ConfigError(f"{source}: config.json has no model_type")
+    return family_for(hf["model_type"]).from_hf(hf), str(source)
+
+
+def _hub_config(repo_id: str) -> dict:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+    except (ImportError, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"could not read config.json of {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
+            "pass a local model directory"
+        ) from exc
+
+
+def layers_trained(train_layers: float, num_layers: int) -> int:
+    """finetuning partial: train_layers as a count (>= 1) or a fraction (< 1) of num_layers, at least 1."""
+    n = int(train_layers) if train_layers >= 1 else max(1, round(train_layers * num_layers))
+    if n > num_layers:
+        raise ConfigError(f"train_layers: {n}, but the model has {num_layers} decoder layers; use at most that")
+    return n
+
+
+def setting_for(run: RunConfig, model: ModelConfig) -> Setting:
+    """The Setting a run config trains with (16-bit activations unless dtype is float32)."""
+    t = run.train
+    gc = t.gradient_checkpointing
+    return Setting(
+        micro_batch=t.per_device_train_batch_size,
+        seq_len=run.data.max_seq_length,
+        checkpointing=None if not gc else "offload" if gc == "offload" else "checkpoint",
+        quantization=t.quantization,
+        finetuning=t.finetuning,
+        lora_r=run.lora.r,
+        lora_targets=tuple(run.lora.target_modules),
+        train_layers=layers_trained(t.train_layers, model.num_layers) if t.finetuning == "partial" else 0,
+        optim=t.optim,
+        param_bytes=4 if t.dtype == "float32" else 2,
+        masked=t.per_device_train_batch_size > 1 or run.data.packing,
+    )
