@@ -3,6 +3,8 @@
 `--resume` continues the run in output_dir from its latest checkpoint (`--resume PATH`: from that checkpoint), with
 the settings saved in the checkpoint unless given again. SIGINT/SIGTERM stop after the current step with a
 checkpoint, printing the command that resumes. VELOTUNE_FAULTS injects failures for tests (train/faults.py).
+`--nproc N` re-runs the command under torchrun with N processes on this host (`--strategy ddp|fsdp`, a config
+key, says how they share the model); per_device_train_batch_size is per process, so the global batch is N times it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -33,8 +36,17 @@ def add_parser(sub: Any) -> None:
         f"latest checkpoint, --resume PATH from that checkpoint. Keys: {', '.join(sorted(KEYS))}.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.usage = "velotune train [CONFIG.yaml] [--key value ...] [--resume [PATH]] [--no_progress]"
+    p.usage = (
+        "velotune train [CONFIG.yaml] [--key value ...] [--resume [PATH]] [--no_progress] [--nproc N] "
+        "[--strategy ddp|fsdp]"
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train on N processes of this host (torchrun; one per GPU on CUDA); --strategy ddp (default) or fsdp",
+    )
 
 
 def _is_flag(key: str) -> bool:
@@ -104,7 +116,28 @@ def resume_command(config: str | None, extra: list[str], run_dir: Path, no_progr
     return shlex.join(args + (["--no_progress"] if no_progress else []))
 
 
+def _launch(args: argparse.Namespace, config: str | None, extra: list[str], cfg: Any) -> int | None:
+    """With --nproc N > 1 outside torchrun: check the layout, run this command under torchrun and return its exit
+    code; None when this process trains itself."""
+    import torch
+
+    from velotune.train import distributed
+
+    # without --nproc: torchrun's parser rejects it as an abbreviation of its --nproc-per-node (the processes it
+    # starts know they are inside torchrun, so they train)
+    argv = ["train", *([config] if config else []), *extra]
+    cmd = distributed.launch_command(args.nproc, argv + (["--no_progress"] if args.no_progress else []))
+    if cmd is None:
+        return None
+    device = cfg.train.device
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    gpus = torch.cuda.device_count() if cuda else 0
+    distributed.check_layout(args.nproc, cfg.train.strategy, "cuda" if cuda else "cpu", gpus)
+    return subprocess.run(cmd).returncode
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from velotune.train.distributed import check_layout, launched_by_torchrun, rank0_only, shutdown
     from velotune.train.faults import Faults
     from velotune.train.loop import TrainingInterrupted
     from velotune.train.run import run as run_training
@@ -112,6 +145,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     config = extra.pop(0) if extra and not extra[0].startswith("--") else None
     original = list(extra)
     cfg = run_config_from_dict(resolve_values(config, extra), source=config or "command line")
+    code = _launch(args, config, original, cfg)
+    if code is not None:
+        return code
+    if not launched_by_torchrun():
+        check_layout(1, cfg.train.strategy, "cpu", 0)  # refuses fsdp on 1 process before loading anything
     faults = Faults.parse(os.environ.get(FAULTS_ENV, ""))
     try:
         result = run_training(cfg, progress=not args.no_progress, faults=faults)
@@ -120,7 +158,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"\nvelotune: {stop}", file=sys.stderr)
         print(f"resume with:\n  {resume_command(config, original, run_dir, args.no_progress)}", file=sys.stderr)
         return 128 + stop.signum
-    _report(result, cfg)
+    rank0_only(_report, result, cfg)
+    shutdown()
     return 0
 
 

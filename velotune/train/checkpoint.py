@@ -60,6 +60,7 @@ MAY_CHANGE_ON_RESUME = {
     "max_new_tokens",
     "save_merged",
     "device",
+    "strategy",  # checkpoints hold whole states: they move between layouts
     "auto_batch_size",
     "max_steps",
     "num_train_epochs",
@@ -186,22 +187,23 @@ def _fsync_tree(directory: Path) -> None:
 
 def save_checkpoint(
     run_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: nn.Module | dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
     config: dict[str, Any],
     pause: Callable[[int], None] | None = None,
 ) -> Path:
-    """Write checkpoint-<state.step> atomically (temporary directory, then rename); returns its path."""
+    """Write checkpoint-<state.step> atomically (temporary directory, then rename); returns its path. `model` and
+    `optimizer` may be given as their whole states (distributed.full_trainable_state / full_optimizer_state)."""
     final = run_dir / f"{PREFIX}{state.step}"
     tmp = run_dir / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / WEIGHTS))
+    save_file(trainable_state(model) if isinstance(model, nn.Module) else model, str(tmp / WEIGHTS))
     if pause is not None:
         pause(state.step)  # test hook: a kill here must leave the earlier checkpoints usable
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / OPTIMIZER)
     state.rng, tensors = capture_rng()
     torch.save({"scheduler": scheduler.state_dict(), **tensors}, tmp / TORCH_STATE)
     (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))

@@ -25,6 +25,7 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "adafactor", "sg
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FINETUNING = ("lora", "full", "partial")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
+STRATEGIES = ("ddp", "fsdp")  # distributed.STRATEGIES
 PACKAGE_DATA = Path(__file__).resolve().parents[1] / "datasets"
 
 
@@ -69,6 +70,7 @@ class TrainConfig:
     compare_samples: int = 24  # held-out rows scored before and after training (0 disables)
     max_new_tokens: int = 32  # generation length for the before/after comparison
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    strategy: str = "ddp"  # ddp | fsdp: how N processes (--nproc, torchrun) share the model; 1 process: unused
 
     @property
     def quantization(self) -> str | None:
@@ -79,6 +81,7 @@ class TrainConfig:
         _choice("optim", self.optim, OPTIMIZERS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("finetuning", self.finetuning, FINETUNING)
+        _choice("strategy", self.strategy, STRATEGIES)
         for name in (
             "per_device_train_batch_size",
             "gradient_accumulation_steps",

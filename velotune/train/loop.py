@@ -32,6 +32,7 @@ from velotune.errors import ConfigError, TrainingError
 from velotune.models.decoder import CausalLM, count_targets
 from velotune.train.checkpoint import (
     METRICS,
+    PREFIX,
     TrainState,
     load_checkpoint,
     load_trainable,
@@ -41,6 +42,17 @@ from velotune.train.checkpoint import (
     save_checkpoint,
 )
 from velotune.train.config import TrainConfig
+from velotune.train.distributed import (
+    DistEnv,
+    Parallel,
+    all_reduce_sum,
+    clip_grad_norm,
+    full_optimizer_state,
+    full_trainable_state,
+    load_full_optimizer_state,
+    load_full_trainable_state,
+    rank0_only,
+)
 from velotune.train.faults import Faults
 from velotune.train.monitor import Notice, TrainingMonitor
 from velotune.train.oom import free_memory, is_out_of_memory, largest_fitting, optimizer_state_bytes
@@ -97,18 +109,23 @@ class Trainer:
         faults: Faults | None = None,
         integrations: list[Any] | None = None,
         log: Callable[[str], Any] = print,
+        parallel: Parallel | None = None,
     ) -> None:
         self.model, self.examples, self.cfg = model, examples, cfg
+        # 1 or N processes (distributed.py): the module to call, this rank, the world size
+        self.par = parallel or Parallel(model, DistEnv(device=model.device))
+        self.world_size = self.par.env.world_size
         self.pad_id, self.packing, self.max_seq_length = pad_id, packing, max_seq_length
         self.run_dir, self.progress, self.log = run_dir, progress, log
         self.eval_examples, self.config, self.faults = eval_examples, config or {}, faults or Faults()
         self.integrations = integrations or []  # report.py sinks (TensorBoard, W&B) beside metrics.jsonl
-        self.per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        # the GLOBAL batch: every rank takes the same step examples and keeps its share (distributed.micro_batches)
+        self.per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world_size
         self.steps_per_epoch = max(1, math.ceil(len(examples) / self.per_step))
         self.total_steps = (
             cfg.max_steps if cfg.max_steps > 0 else math.ceil(self.steps_per_epoch * cfg.num_train_epochs)
         )
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2's DTensors
         self.optimizer = build_optimizer(self.params, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.state = TrainState(
@@ -161,23 +178,41 @@ class Trainer:
         batch = collate(examples, self.pad_id, packing=self.packing, max_seq_length=self.max_seq_length)
         return {k: v.to(self.model.device) for k, v in batch.items() if k in _MODEL_INPUTS}
 
-    def accumulate(self, micro_batches: list[list[dict]], step: int = 0) -> tuple[float, int]:
-        """Forward + backward of one optimizer step's micro-batches; returns (loss, tokens).
+    def accumulate(
+        self, micro_batches: list[list[dict]], step: int = 0, micro_batch_size: int | None = None
+    ) -> tuple[float, int]:
+        """Forward + backward of one optimizer step's micro-batches; returns (loss, tokens), both over all ranks.
 
-        Each micro-batch's summed token loss is divided by the target tokens of ALL micro-batches of the step.
+        Each micro-batch's summed token loss is divided by the target tokens of ALL micro-batches of the step, on
+        all ranks. On N processes `micro_batches` is the step's GLOBAL batch: this rank keeps its share, cut into
+        micro-batches of `micro_batch_size` (the one in force by default), and a rank whose share runs short runs
+        a zero-weight micro-batch so every rank makes the same collective calls.
         """
-        batches = [self._batch(mb) for mb in micro_batches]
-        n_targets = sum(count_targets(b["labels"], b["position_ids"]) for b in batches)
+        par, dev = self.par, self.par.env.device
+        filler = None
+        if par.env.distributed:
+            examples = [e for mb in micro_batches for e in mb]
+            micro_batches = par.step_micro_batches(examples, micro_batch_size or self.state.micro_batch_size)
+            filler = self._batch(examples[:1]) if not all(micro_batches) else None
+        batches = [self._batch(mb) if mb else None for mb in micro_batches]
+        mine = sum(count_targets(b["labels"], b["position_ids"]) for b in batches if b is not None)
+        n_targets = max(all_reduce_sum(mine, dev), 1)
         poison = float("nan") if step in self.faults.nonfinite_steps else None
         loss_total, tokens = 0.0, 0
         for i, b in enumerate(batches):
-            out = self.model(**b, num_items_in_batch=max(n_targets, 1))
-            loss = out.loss * poison if poison is not None else out.loss
-            loss.backward()
+            empty = b is None
+            b = filler if empty else b
+            with par.sync(last=i == len(batches) - 1):
+                out = par.module(**b, num_items_in_batch=n_targets)
+                loss = out.loss * poison if poison is not None else out.loss
+                loss = loss * 0.0 if empty else loss
+                (loss * par.loss_scale if par.loss_scale != 1 else loss).backward()
             loss_total += float(loss.detach())
-            tokens += int(b["attention_mask"].sum())
+            tokens += 0 if empty else int(b["attention_mask"].sum())
             if i == 0:
                 self.faults.simulate_oom(step)  # test hook: after gradients exist, as a real OOM would
+        if par.env.distributed:
+            loss_total, tokens = all_reduce_sum(loss_total, dev), int(all_reduce_sum(tokens, dev))
         return loss_total, tokens
 
     def train_step(self, micro_batches: list[list[dict]], step: int = 0) -> tuple[float, float, int]:
@@ -185,7 +220,7 @@ class Trainer:
         leaves weights and optimizer untouched (the schedule still advances, keeping it tied to the step count)."""
         loss, tokens = self.accumulate(micro_batches, step)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = clip_grad_norm(self.params, max_norm)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.scheduler.step()
@@ -219,7 +254,7 @@ class Trainer:
                 "`velotune plan CONFIG` shows what fits"
             )
         new_bs = bs // 2
-        acc = math.ceil(self.per_step / new_bs)
+        acc = math.ceil(self.per_step / (new_bs * self.world_size))
         old_acc = self.state.accumulation
         self.state.micro_batch_size, self.state.accumulation = new_bs, acc
         event = {"step": step, "event": "out_of_memory", "per_device_train_batch_size": new_bs}
@@ -238,14 +273,20 @@ class Trainer:
         self.model.train()
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            remove_partial(self.run_dir)
+            rank0_only(remove_partial, self.run_dir)
         if resume_from is not None:
             self.restore(resume_from)
         result = TrainResult(start_step=self.state.step)
         result.losses = [r["loss"] for r in self._restored_rows() if "loss" in r and "skipped" not in r]
-        self._metrics = MetricsLog(self.run_dir / METRICS if self.run_dir else None, self.integrations)
+        main = self.par.env.is_main  # rank 0 alone writes metrics and shows progress
+        path = self.run_dir / METRICS if self.run_dir and main else None
+        self._metrics = MetricsLog(path, self.integrations if main else [])
         self._bar = tqdm(
-            total=self.total_steps, initial=self.state.step, desc="training", unit="step", disable=not self.progress
+            total=self.total_steps,
+            initial=self.state.step,
+            desc="training",
+            unit="step",
+            disable=not (self.progress and main),
         )
         start = time.perf_counter() - self.state.elapsed_s
         try:
@@ -355,9 +396,12 @@ class Trainer:
         if s.eval_loss is not None and (s.best_eval_loss is None or s.eval_loss < s.best_eval_loss):
             s.best_eval_loss, s.best_checkpoint = s.eval_loss, f"checkpoint-{s.step}"
         pause = self.faults.pause_checkpoint if self.faults.checkpoint_pause else None
-        path = save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, s, self.config, pause)
-        rotate(self.run_dir, self.cfg.save_total_limit, s.best_checkpoint)
-        return path
+        # whole weights and optimizer state (collectives under FSDP: every rank), written by rank 0
+        weights, optimizer = full_trainable_state(self.model), full_optimizer_state(self.optimizer)
+        args = (self.run_dir, weights, optimizer, self.scheduler, s, self.config, pause)
+        path = rank0_only(save_checkpoint, *args)
+        rank0_only(rotate, self.run_dir, self.cfg.save_total_limit, s.best_checkpoint)
+        return path or self.run_dir / f"{PREFIX}{s.step}"
 
     def restore(self, path: Path) -> None:
         """Put a checkpoint's weights, optimizer, schedule, RNG states, counters and metrics back."""
@@ -369,14 +413,17 @@ class Trainer:
                 f"{path}: the data order differs from the checkpoint's (it has {saved.data}, this run {mine}); "
                 "resume with the same dataset, batch size, gradient accumulation and seed"
             )
-        load_trainable(self.model, ckpt.weights, path)
-        self.optimizer.load_state_dict(ckpt.optimizer)
+        if self.par.env.distributed:
+            load_full_trainable_state(self.model, ckpt.weights)
+        else:
+            load_trainable(self.model, ckpt.weights, path)  # the same, with the checkpoint's path in its errors
+        load_full_optimizer_state(self.optimizer, ckpt.optimizer)
         self.scheduler.load_state_dict(ckpt.torch_state["scheduler"])
         self._apply_learning_rate()
         self.monitor.load_state_dict(saved.monitor)
         self.state = saved
         if self.run_dir and (ckpt.path / METRICS).exists():
-            shutil.copyfile(ckpt.path / METRICS, self.run_dir / METRICS)
+            rank0_only(shutil.copyfile, ckpt.path / METRICS, self.run_dir / METRICS)
         restore_rng(saved.rng, ckpt.torch_state)  # last: nothing may draw random numbers after this
 
     def _apply_learning_rate(self) -> None:
@@ -402,22 +449,24 @@ class Trainer:
         longest = max(range(len(self.examples)), key=lambda i: len(self.examples[i]["input_ids"]))
         probe = self.examples[longest]
         reserve = optimizer_state_bytes(self.params, self.cfg.optim)
-        found = largest_fitting(self.per_step, lambda bs: self._fits(probe, bs, reserve))
+        per_rank = self.per_step // self.world_size
+        found = largest_fitting(per_rank, lambda bs: self._fits(probe, bs, reserve))
         if found is None:
             raise TrainingError(
                 f"auto_batch_size: even one row of {len(probe['input_ids'])} tokens does not fit in GPU memory; set "
                 "gradient_checkpointing: offload, load_in_4bit: true, or a lower max_seq_length"
             )
-        self.state.micro_batch_size, self.state.accumulation = found, math.ceil(self.per_step / found)
+        self.state.micro_batch_size, self.state.accumulation = found, math.ceil(per_rank / found)
         return (
             f"auto_batch_size: micro-batch {found} x gradient accumulation {self.state.accumulation} "
-            f"({self.per_step} examples per step, rows up to {len(probe['input_ids'])} tokens)"
+            f"({per_rank} examples per step{' and process' if self.world_size > 1 else ''}, rows up to "
+            f"{len(probe['input_ids'])} tokens)"
         )
 
     def _fits(self, example: dict, bs: int, reserve: int) -> bool:
         held = torch.empty(reserve, dtype=torch.uint8, device=self.model.device)  # the optimizer states to come
         try:
-            self.accumulate([[example] * bs])
+            self.accumulate([[example] * bs * self.world_size], micro_batch_size=bs)
             ok = True
         except RuntimeError as exc:
             if not is_out_of_memory(exc):
@@ -435,7 +484,9 @@ class Trainer:
             self._metrics.write(row)
 
     def _say(self, text: str) -> None:
-        """A message above the progress bar (or through `log` without one)."""
+        """A message above the progress bar (or through `log` without one); rank 0 only."""
+        if not self.par.env.is_main:
+            return
         if self._bar is not None and not self._bar.disable:
             tqdm.write(text)
         else:

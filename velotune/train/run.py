@@ -23,6 +23,7 @@ from velotune.quant.loading import load_quantized
 from velotune.train.checkpoint import METRICS, config_differences, find_checkpoint, saved_config
 from velotune.train.compare import Score, held_out_samples, score
 from velotune.train.config import RunConfig
+from velotune.train.distributed import Parallel, init_distributed, rank0_only
 from velotune.train.explain import explain_untrainable
 from velotune.train.faults import Faults
 from velotune.train.loop import Trainer, TrainResult, evaluate_loss
@@ -137,10 +138,15 @@ def _plan(model: CausalLM, cfg: RunConfig, device: torch.device, log: Callable[[
 def run(
     cfg: RunConfig, progress: bool = True, log: Callable[[str], Any] = print, faults: Faults | None = None
 ) -> RunResult:
-    """Fine-tune as `cfg` says and write the run directory; returns what happened."""
+    """Fine-tune as `cfg` says and write the run directory; returns what happened. Under torchrun, every process
+    runs this; rank 0 alone writes files and messages."""
     check_paths(cfg)
     resume_from = find_checkpoint(cfg.train.resume, cfg.train.output_dir) if cfg.train.resume else None
     device = resolve_device(cfg.train.device)
+    env = init_distributed(device, cfg.train.strategy)  # checks the process layout; under torchrun, joins the group
+    device = env.device if env.distributed else device  # torchrun: this process's GPU (cuda:LOCAL_RANK)
+    if not env.is_main:
+        log = _quiet
     dtype = resolve_dtype(cfg.train.dtype, device)
     torch.manual_seed(cfg.train.seed)
     model, tok = load_quantized(cfg.train.model_name_or_path, cfg.train.quantization, dtype, device)
@@ -151,11 +157,12 @@ def run(
         check_resume(resume_from, resolved, log)
         log(f"resuming from {resume_from}")
     else:
-        (run_dir / METRICS).unlink(missing_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        rank0_only((run_dir / METRICS).unlink, missing_ok=True)
+    rank0_only((run_dir / "config.yaml").write_text, yaml.safe_dump(resolved, sort_keys=False))
 
     train_ds, eval_ds = load_data(cfg, tok)
     log(train_ds.report())
+    torch.manual_seed(cfg.train.seed)  # LoRA's initial weights: the same on every process
     prepare_model(model, cfg, log)
     trainable, total = num_parameters(model, trainable_only=True), num_parameters(model)
     quant = f", {model.quantization} base" if model.quantization else ""
@@ -165,6 +172,7 @@ def run(
     samples = held_out_samples(cfg.data, cfg.train.compare_samples)
     before = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
     pad_id = tok.pad_token_id
+    integrations = open_integrations(cfg.train.report_to, run_dir, resolved, log) if env.is_main else []
     trainer = Trainer(
         model,
         train_ds,
@@ -177,8 +185,9 @@ def run(
         eval_examples=eval_ds if cfg.train.eval_steps and eval_ds is not None and len(eval_ds) else None,
         config=resolved,
         faults=faults,
-        integrations=open_integrations(cfg.train.report_to, run_dir, resolved, log),
+        integrations=integrations,
         log=log,
+        parallel=Parallel(model, env, cfg.train.strategy if env.distributed else None),
     )
     if cfg.train.auto_batch_size:
         log(trainer.auto_micro_batch())
@@ -191,11 +200,15 @@ def run(
     eval_loss = _final_eval(model, eval_ds, pad_id, cfg, result, run_dir)
     after = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
 
-    _save_outputs(model, tok, cfg, run_dir, resolved["model_name_or_path"], dtype)
+    rank0_only(_save_outputs, model, tok, cfg, run_dir, resolved["model_name_or_path"], dtype)
     out = RunResult(run_dir, result, before, after, eval_loss, resume_from, peak, planned)
-    out.plot_note = plot_metrics(run_dir / METRICS, run_dir / "training_curves.png")
-    (run_dir / "summary.json").write_text(json.dumps(_summary(out), indent=2))
+    out.plot_note = rank0_only(plot_metrics, run_dir / METRICS, run_dir / "training_curves.png") or ""
+    rank0_only((run_dir / "summary.json").write_text, json.dumps(_summary(out), indent=2))
     return out
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """`log` on ranks other than 0."""
 
 
 def _final_eval(model: CausalLM, eval_ds: Any, pad_id: int, cfg: RunConfig, result: TrainResult, run_dir: Path):
@@ -205,10 +218,15 @@ def _final_eval(model: CausalLM, eval_ds: Any, pad_id: int, cfg: RunConfig, resu
     loss = evaluate_loss(model, eval_ds, pad_id, cfg.train.per_device_eval_batch_size)
     every = cfg.train.eval_steps
     if every and result.steps % every:  # periodic evaluation on: the end gets its row too
-        metrics = MetricsLog(run_dir / METRICS)
-        metrics.write({"step": result.steps, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
-        metrics.close()
+        row = {"step": result.steps, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        rank0_only(_write_metrics, run_dir, row)
     return loss
+
+
+def _write_metrics(run_dir: Path, row: dict) -> None:
+    metrics = MetricsLog(run_dir / METRICS)
+    metrics.write(row)
+    metrics.close()
 
 
 def _save_outputs(model: CausalLM, tok: Any, cfg: RunConfig, run_dir: Path, source: str, dtype: torch.dtype) -> None:

@@ -1,0 +1,63 @@
+"""`velotune train --nproc 2` (torchrun, gloo, CPU) logs the losses of the 1-process run with the same global batch,
+and bad process layouts are refused before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from velotune.train import config, distributed
+
+EVAL_DATA = Path(config.__file__).resolve().parents[1] / "datasets" / "iso_dates_eval.jsonl"
+TOL = 1e-5
+
+
+def _train(model: Path, out: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "velotune", "train", "--model", str(model), "--dataset", str(EVAL_DATA)]
+    cmd += ["--compare_samples", "0", "--output_dir", str(out), "--device", "cpu", "--no_progress", *extra]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_config_strategies_are_distributed_ones():
+    assert config.STRATEGIES == distributed.STRATEGIES
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--strategy", "fsdp"], "strategy fsdp shards the model over processes, but this run has 1 process"),
+        (["--strategy", "zero3"], "strategy: 'zero3' is not valid; choose one of: ddp, fsdp"),
+        (["--nproc", "0"], "--nproc must be at least 1, got 0"),
+    ],
+)
+def test_bad_layouts_are_refused(tmp_path, extra, message):
+    proc = _train(tmp_path / "no-model", tmp_path / "run", "--max_steps", "1", *extra, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run directory (or a model) was made
+
+
+@pytest.mark.slow
+def test_two_processes_log_the_one_process_losses(tiny_model_dir, tmp_path):
+    steps = ["--max_steps", "3"]
+    two = _train(tiny_model_dir, tmp_path / "two", *steps, "--per_device_train_batch_size", "2", "--nproc", "2")
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = _train(tiny_model_dir, tmp_path / "one", *steps, "--per_device_train_batch_size", "4", "--nproc", "1")
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    got, ref = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert sorted(got) == sorted(ref) == [1, 2, 3]
+    for step, loss in got.items():
+        assert abs(loss - ref[step]) < TOL, (step, loss, ref[step])
+    assert two.stdout.count("trained 3 steps") == 1  # rank 0 alone reports
+    assert (tmp_path / "two" / "adapter").is_dir() and (tmp_path / "two" / "summary.json").exists()
