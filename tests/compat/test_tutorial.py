@@ -4,8 +4,8 @@
 + EOS as formatting function, SFTTrainer and transformers.Trainer with TrainingArguments(2 x 4 accumulation,
 3 steps, lr 2e-4, cosine), evaluate, save_pretrained, inference with a streamer, save_pretrained_gguf in q8_0,
 q4_k_m and f16. Deviations, all forced by the CPU or by current TRL, are marked "CPU:" / "TRL 1.x:". It runs on the
-tiny checkpoint in every test run and on the embedded SmolLM2 GGUF with -m slow. The SmolLM2 run also checks that
-Trainer's first loss equals velotune's own loop on the same batch.
+tiny checkpoint and on the embedded SmolLM2 GGUF (about 2 minutes on 2 cores) in every test run. The SmolLM2 run
+also checks that Trainer's first loss equals velotune's own loop on the same batch.
 """
 
 from __future__ import annotations
@@ -190,7 +190,6 @@ def test_tutorial_runs_on_the_tiny_checkpoint(tiny_model_dir, tmp_path):
     _check(run_tutorial(str(tiny_model_dir), tmp_path), tmp_path)
 
 
-@pytest.mark.slow
 def test_tutorial_runs_on_smollm2_gguf(tmp_path):
     from tests.conftest import smollm2_gguf
     from velotune.train.config import TrainConfig
