@@ -25,20 +25,12 @@ GLOBAL_BATCH, MICRO_BATCH = 8, 2  # per step: 8 examples; 1 process: 4 micro-bat
 
 
 def tiny_model() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    )
+    cfg = tiny_llama_config()
     model = get_peft_model(velotune_from_hf(LlamaForCausalLM(cfg)), r=4, lora_alpha=8)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
