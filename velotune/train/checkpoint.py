@@ -260,19 +260,3 @@ def load_checkpoint(path: Path) -> Checkpoint:
     optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
     torch_state = torch.load(path / TORCH_STATE, map_location="cpu", weights_only=True)
     return Checkpoint(path, state, weights, optimizer, torch_state)
-
-
-@torch.no_grad()
-def load_trainable(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy checkpoint weights into the model's trainable parameters; both sets of names must agree."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
-    if missing or unexpected:
-        raise ConfigError(
-            f"{source}: its trained parameters do not match this model's (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); resume with the model, finetuning and LoRA settings the checkpoint was made with"
-        )
-    for name, p in params.items():
-        if tuple(weights[name].shape) != tuple(p.shape):
-            raise ConfigError(f"{source}: {name} has shape {tuple(weights[name].shape)}, the model {tuple(p.shape)}")
-        p.copy_(weights[name])

@@ -274,18 +274,23 @@ def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_full_trainable_state(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
-    """Copy whole trainable weights into the model (sharding them under FSDP); names must match exactly."""
+def load_full_trainable_state(
+    model: nn.Module, weights: Mapping[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
+    """Copy whole trainable weights into the model (sharding them under FSDP); names and shapes must match exactly.
+
+    `source` (the checkpoint's path) starts every error message.
+    """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unexpected:
         raise ConfigError(
-            f"checkpoint weights do not match this model's trainable parameters (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}); resume with the model and LoRA settings the checkpoint was made with"
+            f"{source}: its trained parameters do not match this model's (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); resume with the model, finetuning and LoRA settings the checkpoint was made with"
         )
     for name, p in params.items():
         if tuple(weights[name].shape) != tuple(p.shape):
-            raise ConfigError(f"checkpoint {name} has shape {tuple(weights[name].shape)}, the model {tuple(p.shape)}")
+            raise ConfigError(f"{source}: {name} has shape {tuple(weights[name].shape)}, the model {tuple(p.shape)}")
         p.copy_(_like(weights[name], p))
 
 

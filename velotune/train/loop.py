@@ -35,7 +35,6 @@ from velotune.train.checkpoint import (
     PREFIX,
     TrainState,
     load_checkpoint,
-    load_trainable,
     remove_partial,
     restore_rng,
     rotate,
@@ -413,10 +412,7 @@ class Trainer:
                 f"{path}: the data order differs from the checkpoint's (it has {saved.data}, this run {mine}); "
                 "resume with the same dataset, batch size, gradient accumulation and seed"
             )
-        if self.par.env.distributed:
-            load_full_trainable_state(self.model, ckpt.weights)
-        else:
-            load_trainable(self.model, ckpt.weights, path)  # the same, with the checkpoint's path in its errors
+        load_full_trainable_state(self.model, ckpt.weights, str(path))
         load_full_optimizer_state(self.optimizer, ckpt.optimizer)
         self.scheduler.load_state_dict(ckpt.torch_state["scheduler"])
         self._apply_learning_rate()
