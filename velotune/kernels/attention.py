@@ -2,13 +2,22 @@
 
 Causal attention without a mask goes to PyTorch SDPA's fused kernels (FlashAttention on CUDA). A boolean mask
 (padding, packed sequences, sliding windows) goes to SDPA with that mask. Attention-logit soft-capping (Gemma 2)
-is not expressible in SDPA, so it takes the explicit path below.
+is not expressible in SDPA: on CUDA it runs in PyTorch's FlexAttention (a compiled Triton flash kernel whose
+score_mod applies the cap, block mask for causality, windows and padding); elsewhere, and when FlexAttention is
+unavailable, it takes the explicit reference path, which holds [B, H, Tq, Tk] fp32 scores.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # older torch
+    flex_attention = create_block_mask = None
 
 
 def attention_reference(
@@ -48,8 +57,67 @@ def attention(
 ) -> torch.Tensor:
     """Attention of q over k/v; `causal` applies the causal mask, `mask` any extra boolean mask."""
     if softcap is not None:
+        if q.is_cuda and flex_attention is not None:
+            return softcap_attention_flex(q, k, v, mask, causal, scale, softcap)
         return attention_reference(q, k, v, mask, causal, scale, softcap)
     gqa = q.shape[1] != k.shape[1]
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+_BLOCK_MASKS: dict = {}
+
+
+def _block_mask(mask: torch.Tensor | None, causal: bool, b: int, tq: int, tk: int, device: torch.device):
+    """FlexAttention block mask for a boolean mask [B, 1, Tq, Tk] or plain causal; the last few are reused."""
+    key = (None if mask is None else (mask.data_ptr(), mask._version), causal, b, tq, tk, str(device))
+    hit = _BLOCK_MASKS.get(key)
+    if hit is not None:
+        return hit[1]
+    if mask is not None:
+        dense = mask[:, 0].expand(b, tq, tk)
+
+        def mask_mod(bi, h, qi, ki):
+            return dense[bi, qi, ki]
+
+        bm = create_block_mask(mask_mod, b, None, tq, tk, device=device, _compile=True)
+    elif causal:
+        offset = tk - tq
+
+        def mask_mod(bi, h, qi, ki):
+            return ki <= qi + offset
+
+        bm = create_block_mask(mask_mod, None, None, tq, tk, device=device, _compile=True)
+    else:
+        bm = None
+    if len(_BLOCK_MASKS) >= 8:
+        _BLOCK_MASKS.pop(next(iter(_BLOCK_MASKS)))
+    _BLOCK_MASKS[key] = (mask, bm)  # the mask tensor is held so its data_ptr is not reused while cached
+    return bm
+
+
+def softcap_attention_flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    """Soft-capped attention, cap * tanh(q k^T * scale / cap), in FlexAttention (CUDA). Same contract as
+    attention_reference."""
+    cap = float(softcap)
+
+    def score_mod(score, bi, h, qi, ki):
+        return cap * torch.tanh(score / cap)
+
+    bm = _block_mask(mask, causal, q.shape[0], q.shape[2], k.shape[2], q.device)
+    gqa = q.shape[1] != k.shape[1]
+    return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa)
