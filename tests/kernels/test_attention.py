@@ -45,10 +45,17 @@ def test_flex_softcap_matches_reference(shape, kind, dtype):
     out = softcap_attention_flex(q, k, v, mask, causal, scale, cap)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref = attention_reference(q64, k64, v64, mask, causal, scale, cap)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out.double(), ref, **tol)
-    for ours, theirs in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(ours.double(), theirs, **tol)
+    exact = _reference(q, k, v, dout, mask, causal, scale, cap, torch.float64)
+    # the reference in the test dtype bounds what rounding alone costs; FlexAttention may not do much worse
+    same_dtype = _reference(q, k, v, dout, mask, causal, scale, cap, dtype)
+    for name, ours, ref, theirs in zip(("out", "dq", "dk", "dv"), (out, *grads), same_dtype, exact, strict=True):
+        err = (ours.double() - theirs).abs().max().item()
+        ref_err = (ref.double() - theirs).abs().max().item()
+        scale_ = theirs.abs().max().item()
+        assert err <= 2 * ref_err + 1e-5 * scale_, f"{name}: max error {err:.3g}, reference in {dtype}: {ref_err:.3g}"
+
+
+def _reference(q, k, v, dout, mask, causal, scale, cap, dtype):
+    q_, k_, v_ = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    out = attention_reference(q_, k_, v_, mask, causal, scale, cap)
+    return (out, *torch.autograd.grad(out, (q_, k_, v_), dout.to(dtype)))

@@ -127,16 +127,21 @@ def _lora_backward(
 class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + b + (x_lora A^T) B^T * s for a frozen W; saves x_lora (or x), x_lora A^T [N, r], A, B.
 
-    Inputs: x, x_lora (or None), A, B, bias (frozen or trainable), weight (frozen tensor or callable), scaling.
+    Inputs: x, x_lora (or None), A, B, bias (frozen or trainable), weight (frozen tensor or callable), scaling,
+    need_output (False: y is left uninitialised, for a recomputation whose output is discarded).
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, lora_a, lora_b, bias, weight, scaling):
+    def forward(ctx, x, x_lora, lora_a, lora_b, bias, weight, scaling, need_output=True):
         in_f = x.shape[-1]
         x2 = x.reshape(-1, in_f)  # [N, in]
         xl2 = x2 if x_lora is None else x_lora.reshape(-1, in_f)
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        y, xa = _lora_forward(x2, xl2, weight, bias, a, b, scaling)
+        if need_output:
+            y, xa = _lora_forward(x2, xl2, weight, bias, a, b, scaling)
+        else:
+            xa = xl2 @ a.t()  # [N, r]
+            y = x2.new_empty(x2.shape[0], b.shape[0])
         need_a, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         ctx.save_for_backward(xl2 if need_a else None, xa if need_b else None, lora_a, lora_b)
         # the frozen weight (a parameter, or a callable) rides on ctx: saved-tensor hooks (offload to host,
@@ -157,7 +162,7 @@ class LoRALinearFunction(torch.autograd.Function):
         dbias = dy2.sum(0) if need_bias else None
         dx = dx.view(ctx.x_shape) if need_x and dx is not None else None
         dxl = dxl.view(ctx.x_shape) if need_xl and dxl is not None else None
-        return dx, dxl, da, db, dbias, None, None
+        return dx, dxl, da, db, dbias, None, None, None
 
 
 def lora_linear(
@@ -168,17 +173,44 @@ def lora_linear(
     lora_b: torch.Tensor,
     scaling: float,
     x_lora: torch.Tensor | None = None,
+    need_output: bool = True,
 ) -> torch.Tensor:
     """x [..., in] -> [..., out] through a frozen weight [out, in] (or a callable rebuilding it) plus LoRA.
 
     x_lora is dropout(x) when the adapter uses dropout (None otherwise). A trainable base weight falls back to the
-    composition, since the Function never computes a base-weight gradient.
+    composition, since the Function never computes a base-weight gradient. need_output=False returns an
+    uninitialised tensor with the same backward (no base matmul): for recomputations whose output is discarded.
     """
     if isinstance(weight, torch.Tensor) and weight.requires_grad:
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, x_lora)
     if x_lora is x:
         x_lora = None
-    return LoRALinearFunction.apply(x, x_lora, lora_a, lora_b, bias, weight, scaling)
+    return LoRALinearFunction.apply(x, x_lora, lora_a, lora_b, bias, weight, scaling, need_output)
+
+
+class _FrozenLinearForBackward(torch.autograd.Function):
+    """x [..., in] -> uninitialised [..., out] whose backward is dx = dy W for a frozen weight [out, in]."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.weight = weight
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy @ ctx.weight, None
+
+
+def project_for_backward(proj: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """proj(x) where only the backward matters (the value is discarded): the LoRA Function or a frozen nn.Linear
+    skip the base matmul; any other module runs as usual."""
+    forward_for_backward = getattr(proj, "forward_for_backward", None)
+    if forward_for_backward is not None:
+        return forward_for_backward(x)
+    frozen = not proj.weight.requires_grad and (proj.bias is None or not proj.bias.requires_grad)
+    if type(proj) is torch.nn.Linear and frozen:
+        return _FrozenLinearForBackward.apply(x, proj.weight) if x.requires_grad else proj(x)
+    return proj(x)
 
 
 def _act_forward(g: torch.Tensor, u: torch.Tensor, activation: str, fused: bool) -> torch.Tensor:

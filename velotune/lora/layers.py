@@ -33,21 +33,26 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init; B = 0 so the start is exact
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, need_output: bool = True) -> torch.Tensor:
         """[..., in] -> [..., out] through kernels.lora.lora_linear, which saves no [..., out] tensor and never a
         dequantized base weight. Bases that are neither nn.Linear nor a quantized linear computing in x's dtype
-        take the plain composition."""
+        take the plain composition. need_output=False: see forward_for_backward."""
         base = self.base_layer
         x_lora = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
         if isinstance(base, nn.Linear):
-            return lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, x_lora)
+            return lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, x_lora, need_output)
         if hasattr(base, "dequantize") and getattr(base, "compute_dtype", None) == x.dtype:
             bias = None if base.bias is None else base.bias.to(x.dtype)
             weight_fn = functools.partial(base.dequantize, x.dtype)  # called again in backward
-            return lora_linear(x, weight_fn, bias, self.lora_A, self.lora_B, self.scaling, x_lora)
+            return lora_linear(x, weight_fn, bias, self.lora_A, self.lora_B, self.scaling, x_lora, need_output)
         y = base(x)  # [..., out]
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return y + ((x if x_lora is None else x_lora) @ a.t() @ b.t()) * self.scaling
+
+    def forward_for_backward(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() when only its backward will be used (a checkpoint recomputation): the base matmul is skipped
+        and the returned value is uninitialised; gradients are those of forward()."""
+        return self.forward(x, need_output=False)
 
     def delta_weight(self) -> torch.Tensor:
         """B @ A * scaling, [out, in] in fp32."""

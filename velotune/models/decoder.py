@@ -15,6 +15,7 @@ from torch import nn
 from velotune.kernels.attention import attention
 from velotune.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from velotune.kernels.glu import GATED_ACTIVATIONS
+from velotune.kernels.lora import project_for_backward
 from velotune.kernels.rms_norm import rms_norm
 from velotune.kernels.rope import apply_rope
 from velotune.models.checkpointing import run_layer
@@ -107,8 +108,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
         self.act = GATED_ACTIVATIONS[cfg.activation]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x: torch.Tensor, need_output: bool = True) -> torch.Tensor:
+        """need_output=False (a checkpointed layer's recomputation, whose output is discarded) keeps only what the
+        down projection's backward needs and returns a placeholder of the output's shape."""
+        h = self.act(self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(h) if need_output else project_for_backward(self.down_proj, h)
 
 
 class DecoderLayer(nn.Module):
@@ -125,14 +129,20 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], masks: AttentionMasks, cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        masks: AttentionMasks,
+        cache: KVCache | None,
+        need_output: bool = True,
     ) -> torch.Tensor:
+        """need_output=False: the output's value is not needed, only its graph (checkpoint recomputation)."""
         h = self.self_attn(self.input_layernorm(x), rope, masks, cache)
-        if self.sandwich:
+        if self.sandwich:  # the post-feedforward norm's backward needs the real MLP output
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), need_output)
 
 
 class DecoderModel(nn.Module):

