@@ -13,7 +13,7 @@ from velotune.lora.apply import ALL_PROJECTIONS, get_peft_model, lora_layers
 KERNEL_NODES = {
     "RMSNormFunctionBackward",
     "RopeFunctionBackward",
-    "GLUFunctionBackward",
+    "LoRAMLPFunctionBackward",  # gate, up, the Triton GLU and down in one Function
     "LoRALinearFunctionBackward",
     "LinearCrossEntropyFunctionBackward",
 }

@@ -244,6 +244,7 @@ def test_lora_loss_and_gradients_equal_peft(case):
     ref = peft_model(input_ids=ids, labels=labels).loss
     ref.backward()
     out = ours(ids, labels=labels).loss
+    assert _uses_fused_lora_mlp(out)  # LoRA on gate, up and down: the MLP is one Function
     out.backward()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     for name, layer in lora_layers(ours).items():
@@ -426,3 +427,16 @@ def test_invalid_knobs_are_config_errors(change, message):
     base = dict(model_type="llama", vocab_size=8, hidden_size=16, intermediate_size=8, num_layers=2, num_heads=2)
     with pytest.raises(ConfigError, match=message):
         build_empty(ModelConfig(**base, num_kv_heads=1, **change))
+
+
+def _uses_fused_lora_mlp(loss: torch.Tensor) -> bool:
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "LoRAMLPFunctionBackward":
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False

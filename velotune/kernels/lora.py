@@ -236,14 +236,19 @@ class LoRAMLPFunction(torch.autograd.Function):
     """down(act(gate(x), up(x))) with LoRA on all three; saves x, gate, up and the three [N, r] products."""
 
     @staticmethod
-    def forward(ctx, x, gate_a, gate_b, up_a, up_b, down_a, down_b, projs, activation, fused):
+    def forward(ctx, x, gate_a, gate_b, up_a, up_b, down_a, down_b, projs, activation, fused, need_output=True):
         gate, up, down = projs
         x2 = x.reshape(-1, x.shape[-1])  # [N, H]
         dt = x.dtype
         g, xa_g = _lora_forward(x2, x2, gate.weight, gate.bias, gate_a.to(dt), gate_b.to(dt), gate.scaling)  # [N, I]
         u, xa_u = _lora_forward(x2, x2, up.weight, up.bias, up_a.to(dt), up_b.to(dt), up.scaling)  # [N, I]
         h = _act_forward(g, u, activation, fused)  # [N, I]
-        y, xa_d = _lora_forward(h, h, down.weight, down.bias, down_a.to(dt), down_b.to(dt), down.scaling)  # [N, H]
+        if need_output:
+            y, xa_d = _lora_forward(h, h, down.weight, down.bias, down_a.to(dt), down_b.to(dt), down.scaling)  # [N, H]
+        else:  # a recomputation whose output is discarded: the down projection's base matmul is skipped
+            xa_d = h @ down_a.to(dt).t()
+            y = x2.new_empty(x2.shape)
+        del h
         ctx.save_for_backward(x2, g, u, xa_g, xa_u, xa_d, gate_a, gate_b, up_a, up_b, down_a, down_b)
         ctx.weights = tuple(p.weight for p in projs)  # frozen tensors or callables: no copy is made
         ctx.scalings = tuple(p.scaling for p in projs)
@@ -270,15 +275,22 @@ class LoRAMLPFunction(torch.autograd.Function):
         dx, _, da_g, db_g = _lora_backward(dg, x2, xa_g, w_gate, gate_a, gate_b, s_gate, need[0], need[1], need[2])
         dx, _, da_u, db_u = _lora_backward(du, x2, xa_u, w_up, up_a, up_b, s_up, need[0], need[3], need[4], dx=dx)
         dx = dx.view(ctx.x_shape) if need[0] else None
-        return dx, da_g, db_g, da_u, db_u, da_d, db_d, None, None, None
+        return dx, da_g, db_g, da_u, db_u, da_d, db_d, None, None, None, None
 
 
 def lora_mlp(
-    x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, activation: str = "silu"
+    x: torch.Tensor,
+    gate: LoRAWeights,
+    up: LoRAWeights,
+    down: LoRAWeights,
+    activation: str = "silu",
+    need_output: bool = True,
 ) -> torch.Tensor:
     """Gated LoRA MLP x [..., H] -> [..., H] without LoRA dropout; activation "silu" or "gelu_tanh".
 
     The activation runs in Triton on CUDA. Trainable base weights or biases fall back to the composition.
+    need_output=False returns an uninitialised tensor with the same backward, skipping the down projection's base
+    matmul (for recomputations whose output is discarded).
     """
     projs = (gate, up, down)
     trainable_base = any(
@@ -289,4 +301,4 @@ def lora_mlp(
         return lora_mlp_reference(x, gate, up, down, activation)
     fused = use_triton(x)
     loras = (gate.lora_a, gate.lora_b, up.lora_a, up.lora_b, down.lora_a, down.lora_b)
-    return LoRAMLPFunction.apply(x, *loras, projs, activation, fused)
+    return LoRAMLPFunction.apply(x, *loras, projs, activation, fused, need_output)

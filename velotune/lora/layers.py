@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from velotune.kernels.lora import lora_linear
+from velotune.kernels.lora import LoRAWeights, lora_linear
 
 
 class LoRALinear(nn.Module):
@@ -48,6 +48,20 @@ class LoRALinear(nn.Module):
         y = base(x)  # [..., out]
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return y + ((x if x_lora is None else x_lora) @ a.t() @ b.t()) * self.scaling
+
+    def lora_weights(self, dtype: torch.dtype) -> LoRAWeights | None:
+        """This projection for the fused LoRA MLP at activation dtype `dtype`, or None where it cannot take part
+        (LoRA dropout, a base that is neither nn.Linear nor a quantized linear computing in `dtype`)."""
+        base = self.base_layer
+        if not isinstance(self.dropout, nn.Identity):
+            return None
+        if isinstance(base, nn.Linear):
+            return LoRAWeights(base.weight, base.bias, self.lora_A, self.lora_B, self.scaling)
+        if hasattr(base, "dequantize") and getattr(base, "compute_dtype", None) == dtype:
+            bias = None if base.bias is None else base.bias.to(dtype)
+            weight_fn = functools.partial(base.dequantize, dtype)
+            return LoRAWeights(weight_fn, bias, self.lora_A, self.lora_B, self.scaling)
+        return None
 
     def forward_for_backward(self, x: torch.Tensor) -> torch.Tensor:
         """forward() when only its backward will be used (a checkpoint recomputation): the base matmul is skipped

@@ -15,7 +15,7 @@ from torch import nn
 from velotune.kernels.attention import attention
 from velotune.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from velotune.kernels.glu import GATED_ACTIVATIONS
-from velotune.kernels.lora import project_for_backward
+from velotune.kernels.lora import lora_mlp, project_for_backward
 from velotune.kernels.rms_norm import rms_norm
 from velotune.kernels.rope import apply_rope
 from velotune.models.checkpointing import run_layer
@@ -107,12 +107,28 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
         self.act = GATED_ACTIVATIONS[cfg.activation]
+        self.activation = cfg.activation
 
     def forward(self, x: torch.Tensor, need_output: bool = True) -> torch.Tensor:
         """need_output=False (a checkpointed layer's recomputation, whose output is discarded) keeps only what the
-        down projection's backward needs and returns a placeholder of the output's shape."""
+        down projection's backward needs and returns a placeholder of the output's shape.
+
+        With LoRA on all three projections (and no dropout) the MLP is one fused Function (kernels.lora.lora_mlp),
+        which keeps x, gate and up for backward instead of also the down projection's input."""
+        fused = self._lora_weights(x.dtype)
+        if fused is not None:
+            return lora_mlp(x, *fused, activation=self.activation, need_output=need_output)
         h = self.act(self.gate_proj(x), self.up_proj(x))
         return self.down_proj(h) if need_output else project_for_backward(self.down_proj, h)
+
+    def _lora_weights(self, dtype: torch.dtype) -> tuple | None:
+        if not torch.is_grad_enabled():
+            return None
+        parts = [getattr(p, "lora_weights", None) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        if any(part is None for part in parts):
+            return None
+        weights = tuple(part(dtype) for part in parts)
+        return None if any(w is None for w in weights) else weights
 
 
 class DecoderLayer(nn.Module):
