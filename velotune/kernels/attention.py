@@ -10,6 +10,7 @@ unavailable, it takes the explicit reference path, which holds [B, H, Tq, Tk] fp
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -66,9 +67,13 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
+FLEX_MODE_ENV = "VELOTUNE_FLEX_MODE"  # torch.compile mode for FlexAttention, e.g. max-autotune-no-cudagraphs
+
+
 @functools.cache
 def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+    mode = os.environ.get(FLEX_MODE_ENV) or None
+    return torch.compile(flex_attention, dynamic=False, mode=mode)
 
 
 _BLOCK_MASKS: dict = {}
