@@ -8,6 +8,7 @@ weight passed through the file's own quantization, and only loosely (q4_k_m ~0.1
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections import namedtuple
@@ -391,3 +392,45 @@ def test_missing_tokenizer_is_reported_with_the_fix(small_bpe_tokenizer_dir, tmp
     with pytest.raises(ExportError, match=r"no tokenizer\.json.*tokenizer\.save_pretrained"):
         export_gguf(tmp_path / "hf", tmp_path / "out" / "m.gguf", "f16", progress=False)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize(("factor", "old_ctx"), [(8.0, 8192), (32.0, 64)])
+def test_llama3_gguf_imports_with_its_rope_scaling(small_bpe_tokenizer_dir, tmp_path, factor, old_ctx):
+    """A Llama 3.1 / 3.2-style GGUF (rope_freqs tensor, no scaling keys) loads with the llama3 rope scaling that
+    reproduces it, and velotune's import gives transformers' logits of the source checkpoint past the original
+    context."""
+    from transformers import AutoModelForCausalLM
+
+    from velotune.models.gguf_import import load_gguf
+    from velotune.models.rope import inv_frequencies
+
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": old_ctx,
+    }
+    save_llama(tmp_path, small_bpe_tokenizer_dir, vocab_size=512, rope_parameters=rope)
+    path = export_gguf(tmp_path, tmp_path / "m.gguf", "f16", progress=False)
+    ours = load_gguf(path, torch.float32)
+    # GGUF keeps the divisors, not the parameters: with few frequencies several parameter sets give the same ones
+    source = dataclasses.replace(ours.config, rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"})
+    assert ours.config.rope_scaling["rope_type"] == "llama3"
+    torch.testing.assert_close(inv_frequencies(ours.config), inv_frequencies(source), rtol=1e-6, atol=0)
+    assert not torch.allclose(
+        inv_frequencies(ours.config), inv_frequencies(dataclasses.replace(source, rope_scaling=None))
+    )
+    ids = torch.randint(0, 512, (1, 200), generator=torch.Generator().manual_seed(0))
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float16).float().eval()  # f16 weights
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_rope_freqs_matching_no_llama3_scaling_is_refused():
+    from velotune.errors import ConfigError
+    from velotune.models.rope import llama3_scaling_from_factors
+
+    with pytest.raises(ConfigError, match="match no llama3 rope scaling"):
+        llama3_scaling_from_factors([1.0, 3.0, 1.0, 7.0], 8, 10000.0)

@@ -3,7 +3,8 @@
 Tensor names come from gguf's own HF<->GGUF name map, applied to the family's checkpoint layout (Phi-3's fused
 qkv/gate_up, split again on load). Per family, llama.cpp's storage conventions are undone: q/k rows of `llama` files
 are un-permuted back to Hugging Face's rotate-half layout, Gemma norm weights lose the 1 that llama.cpp adds.
-Longrope factors (Phi-3), stored as tensors, are read into the metadata.
+Longrope factors (Phi-3) and llama3 rope divisors (rope_freqs, Llama 3.1+), stored as tensors, are read into the
+metadata; the latter become the llama3 rope_scaling that reproduces them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from velotune.models.decoder import CausalLM
 from velotune.models.families import family_for_gguf
 
 _TOKEN_KEYS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "padding_token_id": "pad_token_id"}
-_META_TENSORS = {"rope_factors_long.weight": "rope_factors_long", "rope_factors_short.weight": "rope_factors_short"}
+_META_TENSORS = {
+    "rope_factors_long.weight": "rope_factors_long",
+    "rope_factors_short.weight": "rope_factors_short",
+    "rope_freqs.weight": "rope_freqs",  # Llama 3.1+: llama3 rope scaling as per-frequency divisors
+}
 
 
 def read_metadata(reader: Any) -> tuple[str, dict[str, Any]]:
@@ -85,8 +90,6 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device | str = "cpu"
 
     def tensors() -> Any:
         for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", leave=False):
-            if t.name == "rope_freqs.weight":
-                raise ModelLoadError(f"{path}: rope frequency factors (rope_freqs) are not supported yet")
             if t.name in _META_TENSORS:
                 continue
             name = names.get(t.name, t.name)

@@ -39,7 +39,7 @@ def _llama3(dim: int, base: float, s: Scaling, cfg: ModelConfig, long: bool) -> 
     inv_freq = _plain(dim, base)
     factor = s["factor"]
     low, high = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-    old_ctx = s.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    old_ctx = s.get("original_max_position_embeddings") or cfg.max_position_embeddings
     low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
@@ -103,6 +103,37 @@ ROPE_SCALINGS = {
     "yarn": _yarn,
     "longrope": _longrope,
 }
+
+
+def llama3_scaling_from_factors(factors: list[float], dim: int, base: float) -> Scaling:
+    """The llama3 rope_scaling that yields llama.cpp's per-frequency divisors `factors` (a GGUF rope_freqs tensor).
+
+    GGUF keeps only the divisors, not the four parameters Hugging Face configs carry; the parameters used by
+    released models are searched (low/high frequency factors, an original context of a power of two from 32 to 1M;
+    the factor is the largest divisor) and the one that
+    reproduces every divisor to 1e-4 is returned. Raises ConfigError when none does.
+    """
+    target = torch.tensor(factors, dtype=torch.float64)
+    if target.numel() != dim // 2:
+        raise ConfigError(f"GGUF rope_freqs has {target.numel()} values; expected rotated dims / 2 = {dim // 2}")
+    plain = _plain(dim, base).double()
+    factor = float(target.max())
+    for old_ctx in sorted((2**k for k in range(5, 21)), key=lambda n: abs(n - 8192)):
+        for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (2.0, 8.0)):
+            s = {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": old_ctx,
+            }
+            inv_freq, _ = _llama3(dim, base, s, None, False)  # type: ignore[arg-type]  (cfg unused: old_ctx given)
+            if torch.allclose(plain / inv_freq.double(), target, rtol=1e-4, atol=0):
+                return s
+    raise ConfigError(
+        f"GGUF rope_freqs (divisors {factors[0]:.3g} .. {factor:.3g}) match no llama3 rope scaling; this file's rope "
+        "scaling is not supported: load the Hugging Face checkpoint instead"
+    )
 
 
 def rope_kind(scaling: Scaling | None) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from velotune.errors import ConfigError
 from velotune.models.config import ModelConfig
+from velotune.models.rope import llama3_scaling_from_factors
 
 _ROPE_KEYS_NOT_SCALING = ("rope_theta", "partial_rotary_factor")
 
@@ -132,6 +133,9 @@ def common_from_gguf(meta: dict[str, Any], model_type: str, **overrides: Any) ->
         eos_token_id=meta.get("eos_token_id"),
         pad_token_id=meta.get("pad_token_id"),
     )
+    if "rope_freqs" in meta:
+        rotated = int(rope_dims) if rope_dims else head_dim
+        fields["rope_scaling"] = llama3_scaling_from_factors(meta["rope_freqs"], rotated, fields["rope_theta"])
     fields.update(overrides)
     return ModelConfig(**fields)
 
