@@ -123,3 +123,13 @@ def test_no_chat_template_leaves_the_template_to_the_gguf(tmp_path):
 def test_unknown_chat_template_is_refused_with_the_known_styles(tmp_path):
     with pytest.raises(ExportError, match="unrecognised chat template.*chatml.*chat_template=None"):
         write_modelfile(tmp_path / "m.gguf", "{% for m in messages %}### {{ m.role }}: {{ m.content }}{% endfor %}", [])
+
+
+def test_phi3_go_template_renders_like_the_builtin_jinja_template(tmp_path):
+    from velotune.data.templates import BUILTIN_TEMPLATES
+
+    source = BUILTIN_TEMPLATES["phi-3"].source
+    values, stops = modelfile(write_modelfile(tmp_path / "m.gguf", source, stop=["<|end|>"]))
+    messages = [{"role": "system", "content": "Be brief."}, *CONVERSATION]
+    assert render_go(values["TEMPLATE"], messages) == jinja(source, messages)
+    assert detect_style(source) == "phi-3" and "<|end|>" in stops

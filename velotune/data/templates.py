@@ -83,6 +83,16 @@ _GEMMA = (
     "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
 )
 
+# Phi-3 / Phi-3.5: <|system|>, <|user|> and <|assistant|> turns, each closed by <|end|>.
+_PHI3 = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] in ('system', 'user', 'assistant') -%}"
+    "{{- '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
+
 # Alpaca prompt layout for base models; the tokenizer's EOS closes each response.
 _ALPACA = (
     "{%- set ns = namespace(system='Below is an instruction that describes a task. '"
@@ -113,10 +123,11 @@ BUILTIN_TEMPLATES: dict[str, ChatTemplate] = {
     ),
     "mistral": ChatTemplate("mistral", _MISTRAL, "</s>", ("<s>", "</s>", "[INST]", "[/INST]")),
     "gemma": ChatTemplate("gemma", _GEMMA, "<end_of_turn>", ("<bos>", "<start_of_turn>", "<end_of_turn>")),
+    "phi-3": ChatTemplate("phi-3", _PHI3, "<|end|>", ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")),
     "alpaca": ChatTemplate("alpaca", _ALPACA, None),  # the tokenizer's own EOS
 }
 
-TEMPLATE_ALIASES = {"qwen": "chatml", "llama3": "llama-3", "deepseek": "deepseek-r1"}
+TEMPLATE_ALIASES = {"qwen": "chatml", "llama3": "llama-3", "deepseek": "deepseek-r1", "phi3": "phi-3"}
 
 TEMPLATE_NAMES = sorted(BUILTIN_TEMPLATES) + sorted(TEMPLATE_ALIASES)
 

@@ -83,6 +83,15 @@ STYLES: dict[str, ChatStyle] = {
 {{- end }}""",
         ("[INST]", "[/INST]", "</s>"),
     ),
+    "phi-3": ChatStyle(
+        ("<|user|>", "<|assistant|>", "<|end|>"),
+        """\
+{{- range .Messages }}<|{{ .Role }}|>
+{{ .Content }}<|end|>
+{{ end }}<|assistant|>
+""",
+        ("<|user|>", "<|assistant|>", "<|end|>"),
+    ),
     "chatml": ChatStyle(
         ("<|im_start|>",),
         """\

@@ -115,4 +115,5 @@ SPEC = FamilySpec(
     gguf_arch="phi3",
     split_weights=split_weights,
     fuse_weights=fuse_weights,
+    default_template="phi-3",
 )
