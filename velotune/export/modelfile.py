@@ -84,7 +84,7 @@ STYLES: dict[str, ChatStyle] = {
         ("[INST]", "[/INST]", "</s>"),
     ),
     "phi-3": ChatStyle(
-        ("<|user|>", "<|assistant|>", "<|end|>"),
+        ("<|assistant|>", "<|end|>"),
         """\
 {{- range .Messages }}<|{{ .Role }}|>
 {{ .Content }}<|end|>
