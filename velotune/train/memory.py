@@ -270,7 +270,7 @@ def parse_gpu(text: str) -> tuple[str, int]:
 def read_model_config(source: str | None) -> tuple[ModelConfig, str]:
     """(ModelConfig, where it was read) from config.json or GGUF metadata alone: no weights are read."""
     from velotune.models.families import family_for, family_for_gguf
-    from velotune.models.load import default_model_path, read_hf_config
+    from velotune.models.load import default_model_path, read_hf_config, text_model_config
 
     path = default_model_path() if source is None else Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -290,6 +290,7 @@ def read_model_config(source: str | None) -> tuple[ModelConfig, str]:
         raise ConfigError(f"model {source!r}: expected a Hugging Face directory, a .gguf file or a hub id")
     if "model_type" not in hf:
         raise ConfigError(f"{source}: config.json has no model_type")
+    hf = text_model_config(hf)
     return family_for(hf["model_type"]).from_hf(hf), str(source)
 
 
