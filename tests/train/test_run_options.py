@@ -117,3 +117,29 @@ def test_resume_with_changed_settings_names_them(tiny_model_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert "checkpoint-2: the checkpoint was trained with other settings (lora_r: 16 -> 8)" in err
     assert "start a new run in another output_dir" in err
+
+
+def test_load_best_model_at_end_saves_the_lowest_eval_loss_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from velotune.train import loop, run
+
+    scripted = iter([2.0, 1.0, 3.0])  # evaluations at steps 2, 4, 6: the best is checkpoint-4
+    monkeypatch.setattr(loop, "evaluate_loss", lambda *args: next(scripted))
+    monkeypatch.setattr(run, "evaluate_loss", lambda *args: 1.0)  # the final evaluation
+    out = tmp_path / "run"
+    extra = ["--max_steps", "6", "--eval_dataset", EVAL, "--eval_steps", "2", "--save_steps", "2"]
+    argv = _train(tiny_model_dir, out, *extra, "--save_total_limit", "1", "--learning_rate", "1e-2")
+    assert main(argv + ["--load_best_model_at_end", "true"]) == 0
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    best, last = (load_file(str(out / f"checkpoint-{s}" / "trainable.safetensors")) for s in (4, 6))
+    assert json.loads((out / "summary.json").read_text())["best_checkpoint"] == "checkpoint-4"
+    for name, value in best.items():
+        key = "base_model.model." + name + ".weight"
+        torch.testing.assert_close(adapter[key], value.to(adapter[key].dtype))
+    assert any(not torch.equal(best[n], last[n]) for n in best)
+
+
+def test_load_best_model_at_end_needs_evaluations_at_checkpoints():
+    with pytest.raises(ConfigError, match="load_best_model_at_end needs an evaluation at every checkpoint"):
+        run_config_from_dict({"load_best_model_at_end": True, "eval_steps": 3, "save_steps": 4})

@@ -61,6 +61,7 @@ class TrainConfig:
     eval_steps: int = 0  # eval loss and perplexity every N steps (0: only at the end)
     per_device_eval_batch_size: int = 8
     early_stopping_patience: int = 0  # stop after N evaluations without a lower eval loss (0: never)
+    load_best_model_at_end: bool = False  # the adapter / merged model hold the checkpoint with the lowest eval loss
     max_bad_steps: int = 5  # stop after N steps in a row with a non-finite loss or gradient norm
     auto_batch_size: bool = False  # CUDA: lower the micro-batch until a step fits (accumulation makes up the rest)
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb (metrics.jsonl is always written)
@@ -94,6 +95,12 @@ class TrainConfig:
         for name in ("save_steps", "save_total_limit", "eval_steps", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (off) or a positive number of steps, got {getattr(self, name)}")
+        if self.load_best_model_at_end and not (self.eval_steps and self.save_steps and self.save_steps % self.eval_steps == 0):
+            raise ConfigError(
+                f"load_best_model_at_end needs an evaluation at every checkpoint: set eval_steps and make save_steps "
+                f"a multiple of it (now eval_steps {self.eval_steps}, save_steps {self.save_steps}; e.g. eval_steps: "
+                f"50, save_steps: 100)"
+            )
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.gradient_checkpointing not in (True, False, "offload"):

@@ -197,6 +197,8 @@ def run(
     if peak is not None and planned:
         error = 100 * (planned / peak - 1)
         log(f"peak GPU memory {peak / GiB:.2f} GiB (planned {planned / GiB:.2f} GiB, {error:+.0f}%)")
+    if cfg.train.load_best_model_at_end:
+        _load_best(model, run_dir, result, log)
     eval_loss = _final_eval(model, eval_ds, pad_id, cfg, result, run_dir)
     after = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
 
@@ -209,6 +211,21 @@ def run(
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
     """`log` on ranks other than 0."""
+
+
+def _load_best(model: CausalLM, run_dir: Path, result: TrainResult, log: Callable[[str], None]) -> None:
+    """Put the best checkpoint's trained weights (lowest eval loss) back into `model` (every process: FSDP)."""
+    from safetensors.torch import load_file
+
+    from velotune.train.checkpoint import WEIGHTS
+    from velotune.train.distributed import load_full_trainable_state
+
+    if not result.best_checkpoint:
+        log("load_best_model_at_end: no checkpoint was evaluated; the last step's weights are kept")
+        return
+    best = run_dir / result.best_checkpoint
+    load_full_trainable_state(model, load_file(str(best / WEIGHTS)), str(best))
+    log(f"load_best_model_at_end: the outputs hold {best.name}, the lowest eval loss")
 
 
 def _final_eval(model: CausalLM, eval_ds: Any, pad_id: int, cfg: RunConfig, result: TrainResult, run_dir: Path):
