@@ -95,7 +95,8 @@ class TrainConfig:
         for name in ("save_steps", "save_total_limit", "eval_steps", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (off) or a positive number of steps, got {getattr(self, name)}")
-        if self.load_best_model_at_end and not (self.eval_steps and self.save_steps and self.save_steps % self.eval_steps == 0):
+        aligned = self.eval_steps and self.save_steps and self.save_steps % self.eval_steps == 0
+        if self.load_best_model_at_end and not aligned:
             raise ConfigError(
                 f"load_best_model_at_end needs an evaluation at every checkpoint: set eval_steps and make save_steps "
                 f"a multiple of it (now eval_steps {self.eval_steps}, save_steps {self.save_steps}; e.g. eval_steps: "
