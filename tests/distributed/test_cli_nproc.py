@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from velotune.train import config, distributed
 
@@ -48,10 +49,22 @@ def test_bad_layouts_are_refused(tmp_path, extra, message):
     assert not (tmp_path / "run").exists()  # refused before the run directory (or a model) was made
 
 
-@pytest.mark.slow
-def test_two_processes_log_the_one_process_losses(tiny_model_dir, tmp_path):
-    steps = ["--max_steps", "3"]
-    two = _train(tiny_model_dir, tmp_path / "two", *steps, "--per_device_train_batch_size", "2", "--nproc", "2")
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])  # fsdp: saving in CI
+def test_two_processes_log_the_one_process_losses_and_save_its_outputs(tiny_model_dir, tmp_path, strategy):
+    from safetensors.torch import load_file
+
+    steps = ["--max_steps", "3", "--save_merged", "true"]
+    two = _train(
+        tiny_model_dir,
+        tmp_path / "two",
+        *steps,
+        "--per_device_train_batch_size",
+        "2",
+        "--nproc",
+        "2",
+        "--strategy",
+        strategy,
+    )
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     one = _train(tiny_model_dir, tmp_path / "one", *steps, "--per_device_train_batch_size", "4", "--nproc", "1")
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
@@ -60,4 +73,10 @@ def test_two_processes_log_the_one_process_losses(tiny_model_dir, tmp_path):
     for step, loss in got.items():
         assert abs(loss - ref[step]) < TOL, (step, loss, ref[step])
     assert two.stdout.count("trained 3 steps") == 1  # rank 0 alone reports
-    assert (tmp_path / "two" / "adapter").is_dir() and (tmp_path / "two" / "summary.json").exists()
+    assert (tmp_path / "two" / "summary.json").exists()
+    # rank 0 writes whole tensors (gathered from the shards under FSDP): the adapter and merged model of one process
+    for part in ("adapter/adapter_model.safetensors", "merged/model.safetensors"):
+        got, ref = (load_file(str(tmp_path / run / part)) for run in ("two", "one"))
+        assert got.keys() == ref.keys()
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5, msg=f"{part}: {name}")

@@ -130,6 +130,24 @@ def rank0_only(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
     return result
 
 
+def whole_model_on_rank0(model: nn.Module, rebuild: Callable[[], nn.Module]) -> nn.Module | None:
+    """A CPU copy of an FSDP-sharded model with whole weights, on rank 0 (None elsewhere); a collective.
+
+    `rebuild` makes the same module structure (on the meta device is fine); the gathered full state dict is
+    assigned into it, so rank 0 can save adapters and merged models with the 1-process code.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _rank() != 0:
+        return None
+    copy = rebuild()
+    copy.load_state_dict(state, assign=True)
+    if hasattr(copy, "tie_weights"):
+        copy.tie_weights()
+    return copy
+
+
 # ---- one step -------------------------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from velotune.quant.loading import load_quantized
 from velotune.train.checkpoint import METRICS, config_differences, find_checkpoint, saved_config
 from velotune.train.compare import Score, held_out_samples, score
 from velotune.train.config import RunConfig
-from velotune.train.distributed import Parallel, init_distributed, rank0_only
+from velotune.train.distributed import Parallel, init_distributed, rank0_only, whole_model_on_rank0
 from velotune.train.explain import explain_untrainable
 from velotune.train.faults import Faults
 from velotune.train.loop import Trainer, TrainResult, evaluate_loss
@@ -202,11 +202,23 @@ def run(
     eval_loss = _final_eval(model, eval_ds, pad_id, cfg, result, run_dir)
     after = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
 
-    rank0_only(_save_outputs, model, tok, cfg, run_dir, resolved["model_name_or_path"], dtype)
+    saved: CausalLM | None = model
+    if env.distributed and cfg.train.strategy == "fsdp":  # rank 0 saves from a gathered whole copy
+        saved = whole_model_on_rank0(model, lambda: _same_structure(model, cfg))
+    rank0_only(_save_outputs, saved, tok, cfg, run_dir, resolved["model_name_or_path"], dtype)
     out = RunResult(run_dir, result, before, after, eval_loss, resume_from, peak, planned)
     out.plot_note = rank0_only(plot_metrics, run_dir / METRICS, run_dir / "training_curves.png") or ""
     rank0_only((run_dir / "summary.json").write_text, json.dumps(_summary(out), indent=2))
     return out
+
+
+def _same_structure(model: CausalLM, cfg: RunConfig) -> CausalLM:
+    """An empty (meta) model with `model`'s modules: same config, same fine-tuning wrappers."""
+    from velotune.models.load import build_empty
+
+    copy = build_empty(model.config)
+    prepare_model(copy, cfg, _quiet)
+    return copy
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
