@@ -21,7 +21,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def run(a: argparse.Namespace) -> None:
     t0 = time.time()
-    rec = {"impl": "velotune", **{k: getattr(a, k) for k in ("quant", "bs", "seq", "r", "ckpt", "steps")}}
+    keys = ("quant", "bs", "seq", "r", "ckpt", "ckpt_layers", "steps")
+    rec = {"impl": "velotune", **{k: getattr(a, k) for k in keys}}
     try:
         import torch
 
@@ -32,7 +33,10 @@ def run(a: argparse.Namespace) -> None:
         model, _ = load_quantized(a.dir, method, torch.bfloat16, "cuda", with_tokenizer=False)
         get_peft_model(model, r=a.r, lora_alpha=a.r, target_modules=TARGETS)
         model.gradient_checkpointing = {"0": False, "1": True, "offload": "offload"}[a.ckpt]
+        model.checkpoint_layers = a.ckpt_layers
         rec["checkpointing"] = model.checkpoint_mode
+        if a.ckpt_layers < 1:
+            rec["checkpointing"] = f"{model.checkpoint_mode} ({a.ckpt_layers:g} of layers)"
         rec["load_s"] = round(time.time() - t0, 1)
         rec["mem_after_load_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
         model.train()
@@ -138,6 +142,7 @@ if __name__ == "__main__":
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--ckpt", default="offload", choices=["0", "1", "offload"])
+    ap.add_argument("--ckpt_layers", type=float, default=1.0, help="fraction of layers checkpointed")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", action="store_true")

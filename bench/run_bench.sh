@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: kernel tests, the 8B-shaped random checkpoint, velotune and the anchors on the same batches,
 # then the ratio table. Needs bench/carry/ (anchors.tgz + anchor_bench.py, see ../shared/bench/README.md).
-#   VT="none:2:2048:offload nf4:2:2048:offload"  velotune configs (quant:bs:seq:ckpt)
+#   VT="none:2:2048:offload nf4:2:2048:offload"  velotune configs (quant:bs:seq:ckpt[:fraction of layers ckpt])
 #   ANCHORS="hf:none:2:2048 unsloth:none:2:2048"  anchor configs (impl:quant:bs:seq); empty skips them
 #   KTESTS=1 runs the GPU kernel tests first; PRESET=llama3-8b
 set -u
@@ -17,8 +17,9 @@ DIR=/tmp/m_${PRESET:-llama3-8b}
 [ -d $DIR ] || PYTHONPATH=/tmp/site python3 bench/carry/anchor_bench.py make --dir $DIR --preset ${PRESET:-llama3-8b} 2>&1 | tail -1
 echo "checkpoint ready at $((SECONDS-START))s"
 for cfg in ${VT:-"none:2:2048:offload"}; do
-  IFS=: read quant bs seq ckpt <<<"$cfg"
-  timeout ${PER:-150} python3 bench/bench_train.py --dir $DIR --quant $quant --bs $bs --seq $seq --ckpt $ckpt ${PROFILE:+--profile} \
+  IFS=: read quant bs seq ckpt frac <<<"$cfg"
+  timeout ${PER:-150} python3 bench/bench_train.py --dir $DIR --quant $quant --bs $bs --seq $seq --ckpt $ckpt \
+    --ckpt_layers ${frac:-1} ${PROFILE:+--profile} \
     > /tmp/vt.txt 2>&1; cp /tmp/vt.txt "$OUT/vt_${quant}_${bs}x${seq}_${ckpt}.txt"; grep -v '^RESULT' /tmp/vt.txt | tail -${TAILN:-3}
   grep -h '^RESULT' /tmp/vt.txt | cut -c8- | tee -a "$OUT/results.jsonl"
 done

@@ -47,6 +47,7 @@ def fit(model: CausalLM, tokenizer: Any, dataset: str | Path, **kwargs: Any) -> 
     tc: TrainConfig = cfg.train
     train_ds, _ = build_datasets(data, tokenizer)
     model.gradient_checkpointing = tc.gradient_checkpointing
+    model.checkpoint_layers = tc.gradient_checkpointing_layers
     out_dir = Path(tc.output_dir) if tc.output_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)

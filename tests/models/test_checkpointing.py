@@ -23,9 +23,10 @@ def _grads(model, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _compare(base, mode, device, t=16):
+def _compare(base, mode, device, t=16, fraction=1.0):
     ckpt = copy.deepcopy(base)
     ckpt.gradient_checkpointing = mode
+    ckpt.checkpoint_layers = fraction
     ids = torch.randint(0, 128, (2, t), generator=torch.Generator().manual_seed(0)).to(device)
     loss_ref, grads_ref = _grads(base, ids)
     loss, grads = _grads(ckpt, ids)
@@ -61,6 +62,27 @@ def test_checkpointing_keeps_loss_and_gradients(tiny_hf_llama, mode, variant):
         for layer in model.model.layers:
             layer.mlp.down_proj.weight.requires_grad_(True)
     _compare(model.to(device), mode, device)
+
+
+@pytest.mark.parametrize("mode", [True, pytest.param("offload", marks=CUDA)])
+@pytest.mark.parametrize("fraction", [0.5, 0.25])
+def test_checkpointing_some_layers_keeps_loss_and_gradients(tiny_hf_llama, mode, fraction):
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=4)).eval()
+    device = "cuda" if mode == "offload" else "cpu"
+    _compare(_lora(velotune_from_hf(hf)).to(device), mode, device, fraction=fraction)
+
+
+def test_checkpointed_layers_are_spread_evenly():
+    from velotune.models.checkpointing import checkpointed_layers
+
+    assert checkpointed_layers(8, 0.5) == [False, True] * 4
+    assert checkpointed_layers(4, 0.25) == [False, False, False, True]
+    assert checkpointed_layers(42, 0.5).count(True) == 21 and all(checkpointed_layers(5, 1.0))
 
 
 @pytest.mark.parametrize("case", ["gemma2", "qwen2"])

@@ -107,6 +107,24 @@ def test_checkpointing_policies_order_activation_memory():
     assert recompute.parts["saved activations (recompute)"] == 32 * 4096 * 4096 * 2  # one input per layer
 
 
+def test_checkpointing_half_the_layers_keeps_the_other_halfs_activations():
+    def saved(p, fraction):
+        e = estimate(LLAMA_8B, Setting(micro_batch=2, seq_len=2048, checkpointing=p, checkpoint_layers=fraction))
+        return next(v for k, v in e.parts.items() if k.startswith("saved activations"))
+
+    every_layer = saved(None, 1.0) / 32
+    assert saved("checkpoint", 0.5) == 16 * 4096 * 4096 * 2 + 16 * every_layer
+    assert saved("offload", 0.5) == 4096 * 4096 * 2 + 16 * every_layer
+    assert saved("checkpoint", 1.0) < saved("checkpoint", 0.5) < saved(None, 1.0)
+
+
+def test_gradient_checkpointing_layers_reaches_the_setting_and_is_checked():
+    run = run_config_from_dict({"dataset": "x.jsonl", "gradient_checkpointing_layers": 0.5})
+    assert setting_for(run, LLAMA_8B).checkpoint_layers == 0.5
+    with pytest.raises(ConfigError, match="gradient_checkpointing_layers: 1.5; use a fraction in"):
+        run_config_from_dict({"dataset": "x.jsonl", "gradient_checkpointing_layers": 1.5})
+
+
 def test_memory_grows_with_batch_and_sequence():
     sizes = [estimate(LLAMA_8B, Setting(micro_batch=b, seq_len=s)).total for b, s in ((1, 512), (2, 512), (2, 4096))]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]

@@ -27,6 +27,7 @@ _GRAD_ANCHOR = torch.empty(0, requires_grad=True)
 
 
 def _host_buffer(slot: int, like: torch.Tensor) -> torch.Tensor:
+    slot = slot if slot >= 0 else -1 - slot
     key = (slot, tuple(like.shape), like.dtype)
     buf = _PINNED.get(key)
     if buf is None:
@@ -106,7 +107,7 @@ class _RecomputedLayer(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.fn, ctx.rest, ctx.copy = fn, rest, None
         if offload and x.is_cuda:
-            below = _LAST_COPY.get(x.device) if slot > 0 else None
+            below = _LAST_COPY.get(x.device) if slot >= 0 else None  # slot < 0: the first layer of this forward
             ctx.copy = _LAST_COPY[x.device] = _HostCopy(x, slot, below)
         else:
             ctx.save_for_backward(x)
@@ -134,10 +135,20 @@ class _RecomputedLayer(torch.autograd.Function):
         return (None, None, None, None, x.grad if need_x else None) + (None,) * len(ctx.rest)
 
 
-def run_layer(layer: Callable, x: torch.Tensor, *rest: Any, mode: str | None, slot: int) -> torch.Tensor:
-    """Run one decoder layer under checkpointing `mode`: None, "checkpoint" or "offload".
+def run_layer(
+    layer: Callable, x: torch.Tensor, *rest: Any, mode: str | None, slot: int, first: bool = False
+) -> torch.Tensor:
+    """Run one decoder layer under checkpointing `mode`: None, "checkpoint" or "offload". `slot` numbers the layer
+    (its host buffer); `first` marks the first checkpointed layer of a forward pass.
 
     Under checkpointing, `layer` must accept need_output=False (called so in the recomputation)."""
     if mode is None:
         return layer(x, *rest)
-    return _RecomputedLayer.apply(layer, slot, mode == "offload", _GRAD_ANCHOR, x, *rest)
+    return _RecomputedLayer.apply(layer, -1 - slot if first else slot, mode == "offload", _GRAD_ANCHOR, x, *rest)
+
+
+def checkpointed_layers(num_layers: int, fraction: float) -> list[bool]:
+    """Which of `num_layers` layers recompute when a `fraction` of them do, spread evenly (the rest keep their
+    activations: faster backward, more memory)."""
+    k = round(min(max(fraction, 0.0), 1.0) * num_layers)
+    return [(i + 1) * k // num_layers > i * k // num_layers for i in range(num_layers)]

@@ -18,7 +18,7 @@ from velotune.kernels.glu import GATED_ACTIVATIONS
 from velotune.kernels.lora import lora_mlp, project_for_backward
 from velotune.kernels.rms_norm import rms_norm
 from velotune.kernels.rope import apply_rope
-from velotune.models.checkpointing import run_layer
+from velotune.models.checkpointing import checkpointed_layers, run_layer
 from velotune.models.config import ModelConfig
 from velotune.models.rope import attention_factor, rope_buffer_name, rope_buffers, rope_tables
 
@@ -244,6 +244,7 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing: bool | str = False  # False | True (recompute) | "offload" (+ inputs on host)
+        self.checkpoint_layers = 1.0  # fraction of layers checkpointed (spread evenly); the rest keep activations
         for name, inv_freq in rope_buffers(cfg).items():  # inv_freq (+ inv_freq_local, inv_freq_long)
             self.register_buffer(name, inv_freq, persistent=False)
         self.rope_scale = {local: attention_factor(cfg, local) for local in (False, True)}  # yarn/longrope
@@ -284,9 +285,13 @@ class CausalLM(nn.Module):
         masks = build_masks(self.config, position_ids, attention_mask, t, past + t, given_positions)
         tables: dict = {}
         mode = self.checkpoint_mode if self.training and torch.is_grad_enabled() else None
+        which = checkpointed_layers(len(self.model.layers), self.checkpoint_layers) if mode else []
+        first = True
         for i, layer in enumerate(self.model.layers):
             rope = self._rope(position_ids, x.dtype, layer, tables)
-            x = run_layer(layer, x, rope, masks, cache, mode=mode, slot=i)
+            layer_mode = mode if mode and which[i] else None
+            x = run_layer(layer, x, rope, masks, cache, mode=layer_mode, slot=i, first=first and bool(layer_mode))
+            first = first and not layer_mode
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from velotune.errors import ConfigError
+from velotune.models.checkpointing import checkpointed_layers
 from velotune.models.config import ModelConfig
 from velotune.train.config import RunConfig
 
@@ -67,6 +68,7 @@ class Setting:
     micro_batch: int = 1
     seq_len: int = 2048
     checkpointing: str | None = "checkpoint"  # None | "checkpoint" (recompute) | "offload"
+    checkpoint_layers: float = 1.0  # fraction of layers checkpointed; the others keep all their activations
     quantization: str | None = None  # None | "nf4" | "int8"
     finetuning: str = "lora"  # lora | full | partial
     lora_r: int = 16
@@ -180,7 +182,9 @@ def estimate(cfg: ModelConfig, s: Setting) -> Estimate:
     """Predicted peak allocated GPU memory of one training step, by part."""
     a, t, h = s.param_bytes, s.tokens, cfg.hidden_size
     layer = t * layer_activation_values(cfg, s) * a
-    saved = {None: cfg.num_layers * layer, "checkpoint": cfg.num_layers * t * h * a, "offload": t * h * a}
+    n_ckpt = sum(checkpointed_layers(cfg.num_layers, s.checkpoint_layers))
+    kept = (cfg.num_layers - n_ckpt) * layer  # layers outside checkpointing keep everything
+    saved = {None: cfg.num_layers * layer, "checkpoint": n_ckpt * t * h * a + kept, "offload": t * h * a + kept}
     recompute = 0 if s.checkpointing is None else layer
     working = t * (3 * cfg.intermediate_size + 2 * h) * a + t * cfg.head_dim * a * 2
     if s.quantization:
@@ -322,6 +326,7 @@ def setting_for(run: RunConfig, model: ModelConfig) -> Setting:
         micro_batch=t.per_device_train_batch_size,
         seq_len=run.data.max_seq_length,
         checkpointing=None if not gc else "offload" if gc == "offload" else "checkpoint",
+        checkpoint_layers=t.gradient_checkpointing_layers,
         quantization=t.quantization,
         finetuning=t.finetuning,
         lora_r=run.lora.r,

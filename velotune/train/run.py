@@ -80,6 +80,7 @@ def prepare_model(model: CausalLM, cfg: RunConfig, log: Callable[[str], Any]) ->
         tied = " (lm_head is tied to the embeddings, which train with it)" if model.config.tie_word_embeddings else ""
         log(f"partial fine-tuning: the top {n} of {len(model.model.layers)} layers, final norm and lm_head{tied}")
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
+    model.checkpoint_layers = cfg.train.gradient_checkpointing_layers
 
 
 def check_resume(checkpoint: Path, resolved: dict[str, Any], log: Callable[[str], Any]) -> None:
