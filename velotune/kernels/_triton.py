@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -22,6 +23,8 @@ except ImportError:  # CPU-only installs: every op takes its reference
     tl = None
 
 HAS_TRITON = triton is not None
+log = logging.getLogger("velotune.kernels")
+_NOTICED: set[tuple[str, str]] = set()
 
 # Largest row (in elements) one program keeps in registers; RMSNorm rows and RoPE heads are far below it.
 MAX_FUSED_SIZE = 65536
@@ -42,6 +45,19 @@ def triton_on_cpu() -> Iterator[None]:
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when the Triton kernels should run for these tensors: Triton importable and every tensor on CUDA."""
     return HAS_TRITON and all(t.is_cuda or _on_cpu for t in tensors)
+
+
+def reference_notice(op: str, reason: str, *tensors: torch.Tensor) -> None:
+    """Say once per (op, reason) that GPU tensors take an op's PyTorch reference instead of its fused kernel: no
+    model silently loses a fast path. CPU tensors (where the reference is the path) say nothing."""
+    if not any(t.is_cuda for t in tensors) or (op, reason) in _NOTICED:
+        return
+    _NOTICED.add((op, reason))
+    log.warning("velotune: %s runs its PyTorch reference on the GPU (%s): same results, slower", op, reason)
+
+
+def no_triton_reason() -> str:
+    return "Triton is not importable: pip install triton"
 
 
 def dense_rows(t: torch.Tensor) -> torch.Tensor | None:

@@ -15,6 +15,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from velotune.kernels._triton import reference_notice
+
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # older torch
@@ -60,6 +62,7 @@ def attention(
     if softcap is not None:
         if q.is_cuda and flex_attention is not None:
             return softcap_attention_flex(q, k, v, mask, causal, scale, softcap)
+        reference_notice("soft-capped attention", "this torch has no FlexAttention (torch >= 2.5)", q)
         return attention_reference(q, k, v, mask, causal, scale, softcap)
     gqa = q.shape[1] != k.shape[1]
     if mask is not None:

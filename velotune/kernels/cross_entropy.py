@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from velotune.kernels._triton import tl, triton, use_triton
+from velotune.kernels._triton import no_triton_reason, reference_notice, tl, triton, use_triton
 
 IGNORE_INDEX = -100
 
@@ -191,6 +191,8 @@ def linear_cross_entropy(
     The per-chunk softmax and gradient run in Triton on CUDA, in PyTorch elsewhere.
     """
     fused = use_triton(hidden, weight, targets)
+    if not fused:
+        reference_notice("chunked cross-entropy", no_triton_reason(), hidden)
     if not (hidden.requires_grad or weight.requires_grad) and not fused:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):

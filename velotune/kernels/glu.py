@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from velotune.kernels._triton import tl, triton, use_triton
+from velotune.kernels._triton import HAS_TRITON, no_triton_reason, reference_notice, tl, triton, use_triton
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,11 @@ class GLUFunction(torch.autograd.Function):
 
 
 def _fused(gate: torch.Tensor, up: torch.Tensor) -> bool:
-    return use_triton(gate, up) and gate.shape == up.shape and gate.dtype == up.dtype
+    if use_triton(gate, up) and gate.shape == up.shape and gate.dtype == up.dtype:
+        return True
+    why = no_triton_reason() if not HAS_TRITON else "gate and up differ in shape or dtype"
+    reference_notice("gated activation (SwiGLU/GeGLU)", why, gate)
+    return False
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from velotune.kernels._triton import use_triton
+from velotune.kernels._triton import no_triton_reason, reference_notice, use_triton
 from velotune.kernels.glu import GLU_VARIANTS, glu_backward, glu_forward
 
 Weight = torch.Tensor | Callable[[], torch.Tensor]
@@ -300,5 +300,7 @@ def lora_mlp(
     if trainable_base:
         return lora_mlp_reference(x, gate, up, down, activation)
     fused = use_triton(x)
+    if not fused:
+        reference_notice("gated activation (SwiGLU/GeGLU)", no_triton_reason(), x)
     loras = (gate.lora_a, gate.lora_b, up.lora_a, up.lora_b, down.lora_a, down.lora_b)
     return LoRAMLPFunction.apply(x, *loras, projs, activation, fused, need_output)

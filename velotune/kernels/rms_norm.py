@@ -10,7 +10,18 @@ from __future__ import annotations
 
 import torch
 
-from velotune.kernels._triton import MAX_FUSED_SIZE, dense_rows, num_programs, row_block, tl, triton, use_triton
+from velotune.kernels._triton import (
+    HAS_TRITON,
+    MAX_FUSED_SIZE,
+    dense_rows,
+    no_triton_reason,
+    num_programs,
+    reference_notice,
+    row_block,
+    tl,
+    triton,
+    use_triton,
+)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
@@ -165,4 +176,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     """RMSNorm over the last dimension of x [..., H] with weight [H]: Triton on CUDA, the reference elsewhere."""
     if use_triton(x, weight) and x.numel() > 0 and x.shape[-1] <= MAX_FUSED_SIZE:
         return RMSNormFunction.apply(x, weight.contiguous(), eps, offset)
+    if x.numel() > 0:
+        why = no_triton_reason() if not HAS_TRITON else f"rows of {x.shape[-1]} values exceed {MAX_FUSED_SIZE}"
+        reference_notice("RMSNorm", why, x)
     return rms_norm_reference(x, weight, eps, offset)

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from velotune.kernels._triton import next_power_of_2, tl, triton, use_triton
+from velotune.kernels._triton import (
+    HAS_TRITON,
+    next_power_of_2,
+    no_triton_reason,
+    reference_notice,
+    tl,
+    triton,
+    use_triton,
+)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -146,4 +154,10 @@ def apply_rope(
     """Rotate q [B, Hq, T, D] and k [B, Hk, T, D] by position tables cos/sin [B, T, R]: Triton on CUDA."""
     if use_triton(q, k, cos, sin) and cos.shape[-1] % 2 == 0 and not (cos.requires_grad or sin.requires_grad):
         return RopeFunction.apply(q, k, cos, sin)
+    if not HAS_TRITON:
+        reference_notice("RoPE", no_triton_reason(), q)
+    elif cos.shape[-1] % 2:
+        reference_notice("RoPE", f"an odd number ({cos.shape[-1]}) of rotated channels", q)
+    elif cos.requires_grad or sin.requires_grad:
+        reference_notice("RoPE", "the position tables require gradients", q)
     return rope_reference(q, cos, sin), rope_reference(k, cos, sin)
