@@ -64,6 +64,8 @@ def test_two_processes_log_the_one_process_losses_and_save_its_outputs(tiny_mode
         "2",
         "--strategy",
         strategy,
+        "--gradient_checkpointing",
+        "true",  # the recomputation's inner backward under DDP hooks / FSDP sharding
     )
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     one = _train(tiny_model_dir, tmp_path / "one", *steps, "--per_device_train_batch_size", "4", "--nproc", "1")
