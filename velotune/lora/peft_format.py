@@ -27,12 +27,28 @@ def adapter_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> 
     return out
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
-    """Write the model's LoRA weights and config in PEFT's layout; returns the directory."""
+def adapter_state_dict_from(weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict:
+    """PEFT's adapter keys for whole LoRA weights by parameter name (`...q_proj.lora_A`), e.g. gathered from FSDP."""
+    return {
+        f"{PREFIX}{name}.weight": t.detach().to("cpu", dtype).contiguous()
+        for name, t in weights.items()
+        if name.endswith((".lora_A", ".lora_B"))
+    }
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    base_model: str | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the model's LoRA weights and config in PEFT's layout; returns the directory. `weights` (whole LoRA
+    weights by parameter name) replaces reading them from `model`, whose own may be shards."""
     cfg: LoRAConfig = model.lora_config
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state_dict(model), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    tensors = adapter_state_dict(model) if weights is None else adapter_state_dict_from(weights)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -342,11 +342,17 @@ class CausalLM(nn.Module):
 
 
 def num_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Parameters of `module` (tied ones once); a quantized linear counts as its [out, in] weight (+ bias), not its
+    packed storage."""
     seen: set[int] = set()
     total = 0
-    for p in module.parameters():
-        if id(p) in seen or (trainable_only and not p.requires_grad):
-            continue
-        seen.add(id(p))
-        total += p.numel()
+    for m in module.modules():
+        quantized = hasattr(m, "dequantize") and hasattr(m, "out_features")
+        if quantized and not trainable_only:
+            total += m.out_features * m.in_features
+        for p in m.parameters(recurse=False):
+            if id(p) in seen or (trainable_only and not p.requires_grad) or (quantized and p is not m.bias):
+                continue
+            seen.add(id(p))
+            total += p.numel()
     return total

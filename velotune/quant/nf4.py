@@ -235,10 +235,11 @@ class FrozenQuantLinear(nn.Module):
 class Linear4bit(FrozenQuantLinear):
     """A frozen nn.Linear whose weight is stored in NF4; the bias stays in compute dtype.
 
-    Buffers (moved by `.to(device)`, saved by state_dict): `weight` (packed uint8, bitsandbytes' name and layout),
-    `weight_absmax`, `weight_quant_map`, and with double quantization `weight_nested_absmax`,
-    `weight_nested_quant_map`, `weight_nested_offset`. Module buffers cannot contain dots, so bitsandbytes' key names
-    (`weight.absmax` ...) come from quant/bnb_load.py: `bnb_state_dict` and `from_bnb_state_dict`.
+    Frozen parameters `weight` (packed uint8, bitsandbytes' name and layout), `weight_absmax` and, with double
+    quantization, `weight_nested_absmax` (FSDP shards them); buffers `weight_quant_map`, `weight_nested_quant_map`,
+    `weight_nested_offset`. All are moved by `.to(device)` and saved by state_dict. Module attribute names cannot
+    contain dots, so bitsandbytes' key names (`weight.absmax` ...) come from quant/bnb_load.py: `bnb_state_dict` and
+    `from_bnb_state_dict`.
     """
 
     def __init__(self, nf4: NF4Weight, bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16):
@@ -250,10 +251,13 @@ class Linear4bit(FrozenQuantLinear):
         self.orig_dtype = nf4.dtype
         self.blocksize = nf4.blocksize
         self.nested_blocksize = nf4.nested_blocksize
-        self.register_buffer("weight", nf4.packed)
-        self.register_buffer("weight_absmax", nf4.absmax)
+        # the per-weight tensors are frozen parameters so that FSDP shards them (buffers would stay whole on every
+        # process); the code books and the offset are tiny and stay buffers
+        self.weight = nn.Parameter(nf4.packed, requires_grad=False)
+        self.weight_absmax = nn.Parameter(nf4.absmax, requires_grad=False)
         self.register_buffer("weight_quant_map", nf4.code)
-        self.register_buffer("weight_nested_absmax", nf4.nested_absmax)
+        nested = nf4.nested_absmax
+        self.weight_nested_absmax = None if nested is None else nn.Parameter(nested, requires_grad=False)
         self.register_buffer("weight_nested_quant_map", nf4.nested_code)
         self.register_buffer("weight_nested_offset", nf4.offset)
         if bias is not None:
@@ -273,7 +277,7 @@ class Linear4bit(FrozenQuantLinear):
 
     @property
     def nf4(self) -> NF4Weight:
-        """The stored weight as an NF4Weight (views of this module's buffers, on its current device)."""
+        """The stored weight as an NF4Weight (this module's tensors, on its current device)."""
         return NF4Weight(
             packed=self.weight,
             absmax=self.weight_absmax,

@@ -182,13 +182,22 @@ class Parallel:
         self.model, self.env = model, env
         self.strategy = strategy if env.distributed else None
         self.module: nn.Module = model
+        self.note = ""  # what the strategy did, for the run log
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [env.device.index] if env.device.type == "cuda" else None
             self.module = DistributedDataParallel(model, device_ids=ids)
         elif self.strategy == "fsdp":
-            shard_decoder(model, env)
+            local, whole = shard_decoder(model, env)
+            self.note = (
+                f"FSDP2 over {env.world_size} processes: each holds {local / 2**20:.1f} MiB of the "
+                f"{whole / 2**20:.1f} MiB of weights ({local / whole:.0%})"
+            )
+            q_local, q_whole = held_bytes(model, quantized_only=True)
+            if q_whole:
+                q_share = f"{q_local / 2**20:.2f} of the {q_whole / 2**20:.2f} MiB"
+                self.note += f", {q_share} of quantized ones ({q_local / q_whole:.0%})"
         elif self.strategy is not None:
             check_layout(env.world_size, self.strategy, env.device.type, torch.cuda.device_count())
 
@@ -246,9 +255,10 @@ class Parallel:
         return all_reduce_sum(loss_total, dev), tokens
 
 
-def shard_decoder(model: nn.Module, env: DistEnv) -> None:
+def shard_decoder(model: nn.Module, env: DistEnv) -> tuple[int, int]:
     """FSDP2 in place: one unit per decoder layer (its LoRA weights inside), the root holding embeddings, final
-    norm and lm_head (read directly by the fused loss, so they must be gathered for the whole forward)."""
+    norm and lm_head (read directly by the fused loss, so they must be gathered for the whole forward). 4-bit
+    weights are frozen parameters, so they are sharded too. Returns (bytes of weights this process holds, whole)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -256,6 +266,22 @@ def shard_decoder(model: nn.Module, env: DistEnv) -> None:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    return held_bytes(model)
+
+
+def held_bytes(model: nn.Module, quantized_only: bool = False) -> tuple[int, int]:
+    """(bytes of weights this process holds, bytes of the whole weights): FSDP2 shards count their local part.
+    quantized_only: only the storage of quantized linears (those with a `dequantize` method)."""
+    if quantized_only:
+        tensors = [t for m in model.modules() if hasattr(m, "dequantize") for t in m.parameters(recurse=False)]
+    else:
+        tensors = [*model.parameters(), *model.buffers()]
+    local = whole = 0
+    for tensor in tensors:
+        size = tensor.element_size()
+        whole += tensor.numel() * size
+        local += (tensor.to_local() if hasattr(tensor, "to_local") else tensor).numel() * size
+    return local, whole
 
 
 def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> float:

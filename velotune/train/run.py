@@ -23,7 +23,13 @@ from velotune.quant.loading import load_quantized
 from velotune.train.checkpoint import METRICS, config_differences, find_checkpoint, saved_config
 from velotune.train.compare import Score, held_out_samples, score
 from velotune.train.config import RunConfig
-from velotune.train.distributed import Parallel, init_distributed, rank0_only, whole_model_on_rank0
+from velotune.train.distributed import (
+    Parallel,
+    full_trainable_state,
+    init_distributed,
+    rank0_only,
+    whole_model_on_rank0,
+)
 from velotune.train.explain import explain_untrainable
 from velotune.train.faults import Faults
 from velotune.train.loop import Trainer, TrainResult, evaluate_loss
@@ -190,6 +196,8 @@ def run(
         log=log,
         parallel=Parallel(model, env, cfg.train.strategy if env.distributed else None),
     )
+    if trainer.par.note:
+        log(trainer.par.note)
     if cfg.train.auto_batch_size:
         log(trainer.auto_micro_batch())
     planned = _plan(model, cfg, device, log)
@@ -203,10 +211,10 @@ def run(
     eval_loss = _final_eval(model, eval_ds, pad_id, cfg, result, run_dir)
     after = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
 
-    saved: CausalLM | None = model
-    if env.distributed and cfg.train.strategy == "fsdp":  # rank 0 saves from a gathered whole copy
-        saved = whole_model_on_rank0(model, lambda: _same_structure(model, cfg))
-    rank0_only(_save_outputs, saved, tok, cfg, run_dir, resolved["model_name_or_path"], dtype)
+    saved, weights, merged = model, None, True
+    if env.distributed and cfg.train.strategy == "fsdp":  # rank 0 saves from gathered whole tensors
+        saved, weights, merged = _gathered_for_saving(model, cfg, log)
+    rank0_only(_save_outputs, saved, tok, cfg, run_dir, resolved["model_name_or_path"], dtype, weights, merged)
     out = RunResult(run_dir, result, before, after, eval_loss, resume_from, peak, planned)
     out.plot_note = rank0_only(plot_metrics, run_dir / METRICS, run_dir / "training_curves.png") or ""
     rank0_only((run_dir / "summary.json").write_text, json.dumps(_summary(out), indent=2))
@@ -259,11 +267,37 @@ def _write_metrics(run_dir: Path, row: dict) -> None:
     metrics.close()
 
 
-def _save_outputs(model: CausalLM, tok: Any, cfg: RunConfig, run_dir: Path, source: str, dtype: torch.dtype) -> None:
+def _gathered_for_saving(model: CausalLM, cfg: RunConfig, log: Callable[[str], None]) -> tuple:
+    """(model to save from, whole LoRA weights or None, whether a merged model can be written) for an FSDP run; a
+    collective. The adapter needs only the gathered LoRA weights; a merged or fully trained model needs a whole copy
+    on rank 0, which 4-bit storage does not allow (its merged model comes from `velotune export RUN --format hf`)."""
+    weights = full_trainable_state(model) if cfg.train.finetuning == "lora" else None
+    if not (cfg.train.save_merged or cfg.train.finetuning != "lora"):
+        return model, weights, True
+    if model.quantization:
+        log(
+            f"save_merged: a {model.quantization} model sharded by FSDP is not merged here; after training run "
+            "`velotune export <output_dir> --format hf` (one process) for the merged 16-bit model"
+        )
+        return model, weights, False
+    whole = whole_model_on_rank0(model, lambda: _same_structure(model, cfg))
+    return whole, weights, True
+
+
+def _save_outputs(
+    model: CausalLM,
+    tok: Any,
+    cfg: RunConfig,
+    run_dir: Path,
+    source: str,
+    dtype: torch.dtype,
+    weights: dict[str, torch.Tensor] | None = None,
+    merged: bool = True,
+) -> None:
     if cfg.train.finetuning == "lora":
-        save_adapter(model, run_dir / "adapter", base_model=source)
+        save_adapter(model, run_dir / "adapter", base_model=source, weights=weights)
         tok.save_pretrained(str(run_dir / "adapter"))
-    if cfg.train.save_merged or cfg.train.finetuning != "lora":
+    if merged and (cfg.train.save_merged or cfg.train.finetuning != "lora"):
         from velotune.export.hf import save_hf
 
         merged = merge_lora(model) if cfg.train.finetuning == "lora" else model
