@@ -18,10 +18,10 @@ EVAL_DATA = Path(config.__file__).resolve().parents[1] / "datasets" / "iso_dates
 TOL = 1e-5
 
 
-def _train(model: Path, out: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _train(model: Path, out: Path, *extra: str, timeout: int = 300, faults: str = "") -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "velotune", "train", "--model", str(model), "--dataset", str(EVAL_DATA)]
     cmd += ["--compare_samples", "0", "--output_dir", str(out), "--device", "cpu", "--no_progress", *extra]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    env = os.environ | {"OMP_NUM_THREADS": "1", "VELOTUNE_FAULTS": faults}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -118,3 +118,15 @@ def test_fsdp_shards_4bit_weights_and_trains_like_one_process(tiny_model_dir, tm
     for name in ref_w:
         torch.testing.assert_close(got_w[name], ref_w[name], rtol=1e-4, atol=1e-5)
     assert "velotune export" in two.stdout and not (tmp_path / "two" / "merged").exists()
+
+
+def test_a_failing_rank_stops_the_run_with_its_name_and_the_resume_command(tiny_model_dir, tmp_path):
+    steps = ["--max_steps", "4", "--save_steps", "1", "--per_device_train_batch_size", "2", "--nproc", "2"]
+    failed = _train(tiny_model_dir, tmp_path / "run", *steps, faults="crash@2:1")
+    assert failed.returncode != 0
+    assert "velotune: rank 1 of 2 failed: RuntimeError: injected failure of rank 1 after step 2" in failed.stderr
+    assert "velotune: training on 2 processes failed" in failed.stderr
+    assert "resume from checkpoint-2 with:" in failed.stderr and "--resume" in failed.stderr.splitlines()[-1]
+    resumed = _train(tiny_model_dir, tmp_path / "run", *steps, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert sorted(_losses(tmp_path / "run")) == [1, 2, 3, 4]

@@ -133,7 +133,23 @@ def _launch(args: argparse.Namespace, config: str | None, extra: list[str], cfg:
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     gpus = torch.cuda.device_count() if cuda else 0
     distributed.check_layout(args.nproc, cfg.train.strategy, "cuda" if cuda else "cpu", gpus)
-    return subprocess.run(cmd).returncode
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        from velotune.train.checkpoint import list_checkpoints
+
+        run_dir = Path(cfg.train.output_dir) if cfg.train.output_dir else None
+        newest = list_checkpoints(run_dir)[-1:] if run_dir else []
+        resume = (
+            f"; resume from {newest[0].name} with:\n  {resume_command(config, extra, run_dir, args.no_progress)}"
+            if newest
+            else "; no checkpoint was written yet"
+        )
+        print(
+            f"velotune: training on {args.nproc} processes failed (exit status {code}): every process was stopped, "
+            f"see the rank's error above{resume}",
+            file=sys.stderr,
+        )
+    return code
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -158,6 +174,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"\nvelotune: {stop}", file=sys.stderr)
         print(f"resume with:\n  {resume_command(config, original, run_dir, args.no_progress)}", file=sys.stderr)
         return 128 + stop.signum
+    except Exception as exc:
+        if launched_by_torchrun():  # one line naming the rank; torchrun then stops the other processes
+            rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+            print(f"velotune: rank {rank} of {world} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise
     rank0_only(_report, result, cfg)
     shutdown()
     return 0

@@ -10,6 +10,7 @@ subprocess, the CLI parses it from the VELOTUNE_FAULTS environment variable, a c
   checkpoint_pause@10:30 writing checkpoint-10 stops for 30 s halfway (weights written, the rest not yet)
   stall@15:30            after step 15 is logged, before its checkpoint, the run stops for 30 s (a test can kill
                          it there without racing a run that would otherwise finish in a second)
+  crash@4:1              after step 4 (and its checkpoint), the process of rank 1 raises an error (a rank dying)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 from velotune.errors import ConfigError
 
-KINDS = ("nonfinite", "oom", "signal", "checkpoint_pause", "stall")
+KINDS = ("nonfinite", "oom", "signal", "checkpoint_pause", "stall", "crash")
 
 
 class OutOfMemoryError(RuntimeError):
@@ -34,6 +35,7 @@ class Faults:
     signal_steps: dict[int, int] = field(default_factory=dict)  # step -> signal number
     checkpoint_pause: dict[int, float] = field(default_factory=dict)  # checkpoint step -> seconds
     stall_steps: dict[int, float] = field(default_factory=dict)  # step -> seconds
+    crash_steps: dict[int, int] = field(default_factory=dict)  # step -> rank that fails
     _fired: set[tuple[str, int]] = field(default_factory=set, repr=False)
 
     @classmethod
@@ -51,6 +53,8 @@ class Faults:
                 faults.oom_steps.add(step)
             elif kind == "stall":
                 faults.stall_steps[step] = float(value or 60)
+            elif kind == "crash":
+                faults.crash_steps[step] = int(value or 0)
             elif kind == "signal":
                 faults.signal_steps[step] = int(getattr(signal, f"SIG{value or 'TERM'}"))
             else:
@@ -72,6 +76,10 @@ class Faults:
     def pause_checkpoint(self, step: int) -> None:
         if self.once("checkpoint_pause", step):
             time.sleep(self.checkpoint_pause[step])
+
+    def crash(self, step: int, rank: int) -> None:
+        if self.crash_steps.get(step) == rank:
+            raise RuntimeError(f"injected failure of rank {rank} after step {step}")
 
     def stall(self, step: int) -> None:
         if self.once("stall", step):

@@ -335,6 +335,7 @@ class Trainer:
             saved = result.last_checkpoint = self.save()
         if step in self.faults.signal_steps:
             signal.raise_signal(self.faults.signal_steps[step])
+        self.faults.crash(step, self.par.env.rank)
         if self._stop_signal is not None:
             raise TrainingInterrupted(self._stop_signal, step, saved or self.save())
         return stop
