@@ -40,6 +40,10 @@ def test_config_strategies_are_distributed_ones():
         (["--strategy", "fsdp"], "strategy fsdp shards the model over processes, but this run has 1 process"),
         (["--strategy", "zero3"], "strategy: 'zero3' is not valid; choose one of: ddp, fsdp"),
         (["--nproc", "0"], "--nproc must be at least 1, got 0"),
+        (
+            ["--fsdp_offload_params", "true"],
+            "fsdp_offload_params keeps FSDP's shards in host memory, but strategy is ddp",
+        ),
     ],
 )
 def test_bad_layouts_are_refused(tmp_path, extra, message):
@@ -49,7 +53,7 @@ def test_bad_layouts_are_refused(tmp_path, extra, message):
     assert not (tmp_path / "run").exists()  # refused before the run directory (or a model) was made
 
 
-@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])  # fsdp: saving in CI
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp", "fsdp_offload"])
 def test_two_processes_log_the_one_process_losses_and_save_its_outputs(tiny_model_dir, tmp_path, strategy):
     from safetensors.torch import load_file
 
@@ -63,11 +67,14 @@ def test_two_processes_log_the_one_process_losses_and_save_its_outputs(tiny_mode
         "--nproc",
         "2",
         "--strategy",
-        strategy,
+        strategy.removesuffix("_offload"),
+        *(["--fsdp_offload_params", "true"] if strategy == "fsdp_offload" else []),
         "--gradient_checkpointing",
         "true",  # the recomputation's inner backward under DDP hooks / FSDP sharding
     )
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    if strategy == "fsdp_offload":
+        assert "in host memory (fsdp_offload_params)" in two.stdout
     one = _train(tiny_model_dir, tmp_path / "one", *steps, "--per_device_train_batch_size", "4", "--nproc", "1")
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     got, ref = _losses(tmp_path / "two"), _losses(tmp_path / "one")

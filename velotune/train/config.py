@@ -73,6 +73,7 @@ class TrainConfig:
     max_new_tokens: int = 32  # generation length for the before/after comparison
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     strategy: str = "ddp"  # ddp | fsdp: how N processes (--nproc, torchrun) share the model; 1 process: unused
+    fsdp_offload_params: bool = False  # fsdp: sharded weights, gradients and optimizer state live in host memory
 
     @property
     def quantization(self) -> str | None:
@@ -84,6 +85,11 @@ class TrainConfig:
         _choice("dtype", self.dtype, DTYPES)
         _choice("finetuning", self.finetuning, FINETUNING)
         _choice("strategy", self.strategy, STRATEGIES)
+        if self.fsdp_offload_params and self.strategy != "fsdp":
+            raise ConfigError(
+                f"fsdp_offload_params keeps FSDP's shards in host memory, but strategy is {self.strategy}; "
+                "set strategy: fsdp (and several processes) or drop fsdp_offload_params"
+            )
         for name in (
             "per_device_train_batch_size",
             "gradient_accumulation_steps",

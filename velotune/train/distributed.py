@@ -178,7 +178,9 @@ class Parallel:
     """The model as the loop drives it on 1 or N processes: `module` is what to call (the DDP wrapper, or the
     model itself), `model` the CausalLM, for weights and properties."""
 
-    def __init__(self, model: nn.Module, env: DistEnv, strategy: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, env: DistEnv, strategy: str | None = None, offload_params: bool = False
+    ) -> None:
         self.model, self.env = model, env
         self.strategy = strategy if env.distributed else None
         self.module: nn.Module = model
@@ -189,11 +191,13 @@ class Parallel:
             ids = [env.device.index] if env.device.type == "cuda" else None
             self.module = DistributedDataParallel(model, device_ids=ids)
         elif self.strategy == "fsdp":
-            local, whole = shard_decoder(model, env)
+            local, whole = shard_decoder(model, env, offload_params)
             self.note = (
                 f"FSDP2 over {env.world_size} processes: each holds {local / 2**20:.1f} MiB of the "
                 f"{whole / 2**20:.1f} MiB of weights ({local / whole:.0%})"
             )
+            if offload_params:
+                self.note += "; shards, gradients and optimizer state in host memory (fsdp_offload_params)"
             q_local, q_whole = held_bytes(model, quantized_only=True)
             if q_whole:
                 q_share = f"{q_local / 2**20:.2f} of the {q_whole / 2**20:.2f} MiB"
@@ -255,17 +259,20 @@ class Parallel:
         return all_reduce_sum(loss_total, dev), tokens
 
 
-def shard_decoder(model: nn.Module, env: DistEnv) -> tuple[int, int]:
+def shard_decoder(model: nn.Module, env: DistEnv, offload_params: bool = False) -> tuple[int, int]:
     """FSDP2 in place: one unit per decoder layer (its LoRA weights inside), the root holding embeddings, final
     norm and lm_head (read directly by the fused loss, so they must be gathered for the whole forward). 4-bit
-    weights are frozen parameters, so they are sharded too. Returns (bytes of weights this process holds, whole)."""
+    weights are frozen parameters, so they are sharded too. offload_params keeps the shards (and so gradients and
+    optimizer state) in host memory, copied in per unit for compute: ZeRO-3 with offload. Returns (bytes of
+    weights this process holds, whole)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
+    policy = CPUOffloadPolicy(pin_memory=env.device.type == "cuda") if offload_params else OffloadPolicy()
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, offload_policy=policy)
+    fully_shard(model, mesh=mesh, offload_policy=policy)
     return held_bytes(model)
 
 

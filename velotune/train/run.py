@@ -194,7 +194,7 @@ def run(
         faults=faults,
         integrations=integrations,
         log=log,
-        parallel=Parallel(model, env, cfg.train.strategy if env.distributed else None),
+        parallel=Parallel(model, env, cfg.train.strategy if env.distributed else None, cfg.train.fsdp_offload_params),
     )
     if trainer.par.note:
         log(trainer.par.note)
