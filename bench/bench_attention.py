@@ -1,8 +1,9 @@
 """Soft-capped attention at Gemma-2-9B's shapes (2 x 2048, 16 query / 8 kv heads, head dim 256, cap 50):
-FlexAttention under torch.compile's default mode and max-autotune, beside SDPA without the cap (the cuDNN/flash
-ceiling). Prints forward and forward+backward ms and TFLOP/s (causal: half the square).
+FlexAttention under torch.compile (default mode, optionally max-autotune) and with explicit block sizes, beside
+SDPA without the cap (the cuDNN/flash ceiling). Prints forward and forward+backward ms and TFLOP/s (causal: half
+the square). Each variant compiles once (~20-40 s; max-autotune ~2 min).
 
-  python bench/bench_attention.py [--modes default max-autotune-no-cudagraphs]
+  python bench/bench_attention.py [--modes default max-autotune-no-cudagraphs] [--no-variants]
 """
 
 from __future__ import annotations
@@ -14,6 +15,41 @@ import _timing  # noqa: F401  (puts the repo root on sys.path)
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+
+# Block sizes to try for head dim 256 (forward BLOCK_M/N; backward BLOCK_M1/N1 for dK/dV, BLOCK_M2/N2 for dQ)
+VARIANTS = [
+    {
+        "BLOCK_M": 64,
+        "BLOCK_N": 64,
+        "num_warps": 4,
+        "num_stages": 2,
+        "BLOCK_M1": 32,
+        "BLOCK_N1": 64,
+        "BLOCK_M2": 64,
+        "BLOCK_N2": 32,
+    },
+    {
+        "BLOCK_M": 128,
+        "BLOCK_N": 64,
+        "num_warps": 8,
+        "num_stages": 2,
+        "BLOCK_M1": 64,
+        "BLOCK_N1": 64,
+        "BLOCK_M2": 64,
+        "BLOCK_N2": 64,
+    },
+    {
+        "BLOCK_M": 64,
+        "BLOCK_N": 32,
+        "num_warps": 4,
+        "num_stages": 3,
+        "BLOCK_M1": 32,
+        "BLOCK_N1": 32,
+        "BLOCK_M2": 32,
+        "BLOCK_N2": 32,
+    },
+]
 
 
 def timed(fn, reps: int = 10) -> float:
@@ -31,7 +67,8 @@ def timed(fn, reps: int = 10) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--modes", nargs="+", default=["default", "max-autotune-no-cudagraphs"])
+    ap.add_argument("--modes", nargs="+", default=["default"])
+    ap.add_argument("--no-variants", action="store_true", help="skip the explicit block-size variants")
     a = ap.parse_args()
     b, hq, hk, t, d, cap = 2, 16, 8, 2048, 256, 50.0
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -52,6 +89,19 @@ def main() -> None:
         out.backward(dout)
         print(f"compile {mode}: {time.time() - t0:.0f} s", flush=True)
         runs[f"flex {mode}"] = lambda fn=fn: fn(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True)
+    fn = torch.compile(flex_attention, dynamic=False)
+    for options in [] if a.no_variants else VARIANTS:
+
+        def call(fn=fn, options=options):
+            return fn(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=True, kernel_options=options)
+
+        try:
+            t0 = time.time()
+            call().backward(dout)
+            print(f"compile {options}: {time.time() - t0:.0f} s", flush=True)
+            runs[f"flex {options}"] = call
+        except Exception as e:  # noqa: BLE001  (a variant the hardware cannot hold: report it, try the next)
+            print(f"flex {options}: {type(e).__name__}: {str(e)[:160]}", flush=True)
     for name, fn in runs.items():
         fwd = timed(lambda fn=fn: fn())
         both = timed(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), dout))
