@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-
 # Block sizes to try for head dim 256 (forward BLOCK_M/N; backward BLOCK_M1/N1 for dK/dV, BLOCK_M2/N2 for dQ)
 VARIANTS = [
     {
