@@ -137,3 +137,34 @@ def test_a_failing_rank_stops_the_run_with_its_name_and_the_resume_command(tiny_
     resumed = _train(tiny_model_dir, tmp_path / "run", *steps, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert sorted(_losses(tmp_path / "run")) == [1, 2, 3, 4]
+
+
+def test_fsdp_full_finetuning_checkpoints_in_shards_that_resume_and_load_on_one_process(tiny_model_dir, tmp_path):
+    """Full fine-tuning under FSDP2 writes torch.distributed.checkpoint shards (no process holds the whole state);
+    the run resumes from them with the uninterrupted run's losses, and one process reads them back whole."""
+    from safetensors.torch import load_file
+
+    from velotune.models.load import load_model
+    from velotune.train.distributed import load_sharded_state
+
+    common = ["--finetuning", "full", "--learning_rate", "1e-3", "--save_steps", "2", "--save_total_limit", "0"]
+    two = ["--per_device_train_batch_size", "2", "--nproc", "2", "--strategy", "fsdp", "--dtype", "float32"]
+    full = _train(tiny_model_dir, tmp_path / "full", "--max_steps", "4", *common, *two)
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    assert (ckpt / "sharded" / ".metadata").exists() and not (ckpt / "trainable.safetensors").exists()
+    resumed = _train(tiny_model_dir, tmp_path / "resumed", "--max_steps", "4", *common, *two, "--resume", str(ckpt))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    ref, got = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert abs(got[step] - ref[step]) < 1e-5, (step, got[step], ref[step])
+    # one process, no process group: the step-4 shards are the weights of the merged model the run wrote
+    model, _ = load_model(tiny_model_dir, with_tokenizer=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    load_sharded_state(model, optimizer, tmp_path / "full" / "checkpoint-4" / "sharded")
+    merged = load_file(str(tmp_path / "full" / "merged" / "model.safetensors"))
+    ours = model.state_dict()
+    for name, value in merged.items():
+        torch.testing.assert_close(ours[name].float(), value.float(), rtol=1e-2, atol=1e-3, msg=name)
+    assert all(optimizer.state[p]["exp_avg"].abs().sum() > 0 for p in model.parameters())

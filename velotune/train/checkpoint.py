@@ -10,6 +10,10 @@ A checkpoint is a directory `checkpoint-<step>` in the run directory holding
   config.yaml             the resolved run config
   metrics.jsonl           the metrics written up to this step
 
+FSDP runs that train whole layers (full / partial fine-tuning) write `sharded/` instead of the first two files:
+torch.distributed.checkpoint's per-process files of the trainable weights and optimizer state, so no process ever
+holds them whole; they load back on any number of processes (or one).
+
 It is written into a hidden temporary directory, flushed to disk, then renamed: a run killed while writing leaves
 the previous checkpoints intact, and a directory called checkpoint-<step> is always complete.
 """
@@ -43,7 +47,17 @@ WEIGHTS, OPTIMIZER, TORCH_STATE, STATE, CONFIG, METRICS = (
     "config.yaml",
     "metrics.jsonl",
 )
+SHARDED = "sharded"
 REQUIRED = (WEIGHTS, OPTIMIZER, TORCH_STATE, STATE, CONFIG)
+REQUIRED_SHARDED = (SHARDED, TORCH_STATE, STATE, CONFIG)
+
+
+def missing_files(path: Path) -> list[str]:
+    """The files a complete checkpoint has and `path` lacks (whole-state or sharded layout)."""
+    required = REQUIRED_SHARDED if (path / SHARDED).is_dir() else REQUIRED
+    return [name for name in required if not (path / name).exists()]
+
+
 # Keys a resumed run may change: they do not alter which batches come next or what a step computes.
 MAY_CHANGE_ON_RESUME = {
     "resume",
@@ -132,7 +146,7 @@ def find_checkpoint(resume: bool | str, output_dir: str | None) -> Path:
     path = Path(str(resume))
     if step_of(path) is None and list_checkpoints(path):
         return list_checkpoints(path)[-1]
-    missing = [name for name in REQUIRED if not (path / name).exists()]
+    missing = missing_files(path)
     if path.is_dir() and not missing:
         return path
     near = list_checkpoints(path.parent) if path.parent.exists() else []
@@ -185,25 +199,35 @@ def _fsync_tree(directory: Path) -> None:
             os.close(fd)
 
 
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """Where the processes of a sharded save write before rank 0 completes and renames the checkpoint."""
+    return run_dir / f".{PREFIX}{step}.tmp-sharded"
+
+
 def save_checkpoint(
     run_dir: Path,
-    model: nn.Module | dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer | dict[str, Any],
+    model: nn.Module | dict[str, torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
     config: dict[str, Any],
     pause: Callable[[int], None] | None = None,
+    staged: Path | None = None,
 ) -> Path:
     """Write checkpoint-<state.step> atomically (temporary directory, then rename); returns its path. `model` and
-    `optimizer` may be given as their whole states (distributed.full_trainable_state / full_optimizer_state)."""
+    `optimizer` may be given as their whole states (distributed.full_trainable_state / full_optimizer_state), or
+    as None with `staged`: a temporary directory already holding the sharded states."""
     final = run_dir / f"{PREFIX}{state.step}"
-    tmp = run_dir / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model) if isinstance(model, nn.Module) else model, str(tmp / WEIGHTS))
+    tmp = staged or run_dir / f".{final.name}.tmp-{os.getpid()}"
+    if staged is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if model is not None:
+        save_file(trainable_state(model) if isinstance(model, nn.Module) else model, str(tmp / WEIGHTS))
     if pause is not None:
         pause(state.step)  # test hook: a kill here must leave the earlier checkpoints usable
-    torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / OPTIMIZER)
+    if optimizer is not None:
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / OPTIMIZER)
     state.rng, tensors = capture_rng()
     torch.save({"scheduler": scheduler.state_dict(), **tensors}, tmp / TORCH_STATE)
     (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
@@ -246,17 +270,18 @@ class Checkpoint:
 
     path: Path
     state: TrainState
-    weights: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
+    weights: dict[str, torch.Tensor] | None  # None: sharded (load with distributed.load_sharded_state)
+    optimizer: dict[str, Any] | None
     torch_state: dict[str, Any]
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    missing = [name for name in REQUIRED if not (path / name).exists()]
+    missing = missing_files(path)
     if missing:
         raise ConfigError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
     state = TrainState.from_dict(json.loads((path / STATE).read_text()))
-    weights = load_file(str(path / WEIGHTS))
-    optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+    sharded = (path / SHARDED).is_dir()
+    weights = None if sharded else load_file(str(path / WEIGHTS))
+    optimizer = None if sharded else torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
     torch_state = torch.load(path / TORCH_STATE, map_location="cpu", weights_only=True)
     return Checkpoint(path, state, weights, optimizer, torch_state)

@@ -23,6 +23,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -343,6 +344,41 @@ def load_full_trainable_state(
         if tuple(weights[name].shape) != tuple(p.shape):
             raise ConfigError(f"{source}: {name} has shape {tuple(weights[name].shape)}, the model {tuple(p.shape)}")
         p.copy_(_like(weights[name], p))
+
+
+def save_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Trainable weights and optimizer state through torch.distributed.checkpoint: each process writes its own
+    shards (a collective under FSDP). Frozen weights are left out: they come from the base checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+
+
+def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, directory: Path) -> None:
+    """Load save_sharded_state's files into `model` (and `optimizer`), resharded for this run's layout: FSDP on
+    any number of processes, DDP, or one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model, options=options)}
+        dcp.load(state, checkpoint_id=str(directory))
+        set_model_state_dict(model, state["model"], options=options)
+        return
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

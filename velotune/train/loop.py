@@ -33,12 +33,14 @@ from velotune.models.decoder import CausalLM, count_targets
 from velotune.train.checkpoint import (
     METRICS,
     PREFIX,
+    SHARDED,
     TrainState,
     load_checkpoint,
     remove_partial,
     restore_rng,
     rotate,
     save_checkpoint,
+    staging_dir,
 )
 from velotune.train.config import TrainConfig
 from velotune.train.distributed import (
@@ -50,7 +52,9 @@ from velotune.train.distributed import (
     full_trainable_state,
     load_full_optimizer_state,
     load_full_trainable_state,
+    load_sharded_state,
     rank0_only,
+    save_sharded_state,
 )
 from velotune.train.faults import Faults
 from velotune.train.monitor import Notice, TrainingMonitor
@@ -114,6 +118,8 @@ class Trainer:
         # 1 or N processes (distributed.py): the module to call, this rank, the world size
         self.par = parallel or Parallel(model, DistEnv(device=model.device))
         self.world_size = self.par.env.world_size
+        # FSDP training whole layers: checkpoints in shards (torch.distributed.checkpoint), never gathered whole
+        self.sharded_checkpoints = self.par.strategy == "fsdp" and cfg.finetuning != "lora"
         self.pad_id, self.packing, self.max_seq_length = pad_id, packing, max_seq_length
         self.run_dir, self.progress, self.log = run_dir, progress, log
         self.eval_examples, self.config, self.faults = eval_examples, config or {}, faults or Faults()
@@ -396,9 +402,14 @@ class Trainer:
         if s.eval_loss is not None and (s.best_eval_loss is None or s.eval_loss < s.best_eval_loss):
             s.best_eval_loss, s.best_checkpoint = s.eval_loss, f"checkpoint-{s.step}"
         pause = self.faults.pause_checkpoint if self.faults.checkpoint_pause else None
-        # whole weights and optimizer state (collectives under FSDP: every rank), written by rank 0
-        weights, optimizer = full_trainable_state(self.model), full_optimizer_state(self.optimizer)
-        args = (self.run_dir, weights, optimizer, self.scheduler, s, self.config, pause)
+        if self.sharded_checkpoints:  # every process writes its shards, rank 0 the rest and the rename
+            staged = staging_dir(self.run_dir, s.step)
+            rank0_only(lambda: (shutil.rmtree(staged, ignore_errors=True), staged.mkdir(parents=True)))
+            save_sharded_state(self.model, self.optimizer, staged / SHARDED)
+            args = (self.run_dir, None, None, self.scheduler, s, self.config, pause, staged)
+        else:  # whole weights and optimizer state (collectives under FSDP: every rank), written by rank 0
+            weights, optimizer = full_trainable_state(self.model), full_optimizer_state(self.optimizer)
+            args = (self.run_dir, weights, optimizer, self.scheduler, s, self.config, pause)
         path = rank0_only(save_checkpoint, *args)
         rank0_only(rotate, self.run_dir, self.cfg.save_total_limit, s.best_checkpoint)
         return path or self.run_dir / f"{PREFIX}{s.step}"
@@ -413,8 +424,11 @@ class Trainer:
                 f"{path}: the data order differs from the checkpoint's (it has {saved.data}, this run {mine}); "
                 "resume with the same dataset, batch size, gradient accumulation and seed"
             )
-        load_full_trainable_state(self.model, ckpt.weights, str(path))
-        load_full_optimizer_state(self.optimizer, ckpt.optimizer)
+        if ckpt.weights is None:
+            load_sharded_state(self.model, self.optimizer, path / SHARDED)
+        else:
+            load_full_trainable_state(self.model, ckpt.weights, str(path))
+            load_full_optimizer_state(self.optimizer, ckpt.optimizer)
         self.scheduler.load_state_dict(ckpt.torch_state["scheduler"])
         self._apply_learning_rate()
         self.monitor.load_state_dict(saved.monitor)
