@@ -38,11 +38,11 @@ def test_config_strategies_are_distributed_ones():
     ("extra", "message"),
     [
         (["--strategy", "fsdp"], "strategy fsdp shards the model over processes, but this run has 1 process"),
-        (["--strategy", "zero3"], "strategy: 'zero3' is not valid; choose one of: ddp, fsdp"),
+        (["--strategy", "zero3"], "strategy: 'zero3' is not valid; choose one of: auto, ddp, fsdp"),
         (["--nproc", "0"], "--nproc must be at least 1, got 0"),
         (
             ["--fsdp_offload_params", "true"],
-            "fsdp_offload_params keeps FSDP's shards in host memory, but strategy is ddp",
+            "fsdp_offload_params keeps FSDP's shards in host memory, but strategy is auto",
         ),
     ],
 )

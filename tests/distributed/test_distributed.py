@@ -157,3 +157,11 @@ def test_one_process_checkpoint_resumes_on_two(strategy, single, tmp_path):
     resumed = _run(tmp_path / "resumed.pt", 2, strategy, "--resume", str(ckpt))
     assert sorted(resumed["losses"]) == [3, 4]
     _assert_same_run(resumed, ref)
+
+
+def test_strategy_auto_picks_ddp_when_a_whole_model_fits_each_gpu_else_fsdp():
+    gib = 2**30
+    assert vd.choose_strategy(20 * gib, 70 * gib)[0] == "ddp"
+    strategy, why = vd.choose_strategy(150 * gib, 70 * gib)
+    assert strategy == "fsdp" and "planned peak 150.0 GiB, 70.0 usable" in why
+    assert vd.choose_strategy(None, None) == ("ddp", "no GPU memory limit to plan against")  # CPU runs

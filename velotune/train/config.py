@@ -25,7 +25,7 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "adafactor", "sg
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FINETUNING = ("lora", "full", "partial")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
-STRATEGIES = ("ddp", "fsdp")  # distributed.STRATEGIES
+STRATEGIES = ("auto", "ddp", "fsdp")  # distributed.STRATEGIES
 PACKAGE_DATA = Path(__file__).resolve().parents[1] / "datasets"
 
 
@@ -72,7 +72,7 @@ class TrainConfig:
     compare_samples: int = 24  # held-out rows scored before and after training (0 disables)
     max_new_tokens: int = 32  # generation length for the before/after comparison
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    strategy: str = "ddp"  # ddp | fsdp: how N processes (--nproc, torchrun) share the model; 1 process: unused
+    strategy: str = "auto"  # auto | ddp | fsdp: how N processes share the model (auto: ddp if it fits each GPU)
     fsdp_offload_params: bool = False  # fsdp: sharded weights, gradients and optimizer state live in host memory
 
     @property

@@ -34,7 +34,7 @@ from velotune.data import collate
 from velotune.errors import ConfigError
 from velotune.models.decoder import count_targets
 
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("auto", "ddp", "fsdp")  # auto: choose_strategy decides from the memory plan
 T = TypeVar("T")
 
 
@@ -78,6 +78,21 @@ def check_layout(world_size: int, strategy: str, device_type: str, gpus: int) ->
             f"{world_size} processes asked for, but this host has {gpus} CUDA GPU(s); one process drives one GPU: "
             f"use --nproc {gpus} or fewer"
         )
+
+
+def choose_strategy(planned_bytes: int | None, usable_bytes: int | None) -> tuple[str, str]:
+    """(ddp or fsdp, why) for strategy auto: DDP (a whole model per GPU, fastest) when the planned peak of one
+    process fits its GPU, else FSDP2 (weights sharded over the processes). Without a GPU budget: ddp."""
+    if planned_bytes is None or usable_bytes is None:
+        return "ddp", "no GPU memory limit to plan against"
+    gib = 2**30
+    if planned_bytes <= usable_bytes:
+        fit = f"planned peak {planned_bytes / gib:.1f} of {usable_bytes / gib:.1f} GiB"
+        return "ddp", f"a whole model per GPU fits: {fit}"
+    return "fsdp", (
+        f"a whole model per GPU does not fit (planned peak {planned_bytes / gib:.1f} GiB, {usable_bytes / gib:.1f} "
+        "usable): FSDP2 shards it over the processes"
+    )
 
 
 def init_distributed(
@@ -183,7 +198,7 @@ class Parallel:
         self, model: nn.Module, env: DistEnv, strategy: str | None = None, offload_params: bool = False
     ) -> None:
         self.model, self.env = model, env
-        self.strategy = strategy if env.distributed else None
+        self.strategy = ("ddp" if strategy == "auto" else strategy) if env.distributed else None
         self.module: nn.Module = model
         self.note = ""  # what the strategy did, for the run log
         if self.strategy == "ddp":

@@ -25,6 +25,7 @@ from velotune.train.compare import Score, held_out_samples, score
 from velotune.train.config import RunConfig
 from velotune.train.distributed import (
     Parallel,
+    choose_strategy,
     full_trainable_state,
     init_distributed,
     rank0_only,
@@ -180,6 +181,12 @@ def run(
     before = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
     pad_id = tok.pad_token_id
     integrations = open_integrations(cfg.train.report_to, run_dir, resolved, log) if env.is_main else []
+    strategy = cfg.train.strategy
+    if env.distributed and strategy == "auto":
+        planned = estimate(model.config, setting_for(cfg, model.config)).total if device.type == "cuda" else None
+        usable = usable_bytes(torch.cuda.get_device_properties(device).total_memory) if planned else None
+        strategy, why = choose_strategy(planned, usable)
+        log(f"strategy auto: {strategy} ({why})")
     trainer = Trainer(
         model,
         train_ds,
@@ -194,7 +201,7 @@ def run(
         faults=faults,
         integrations=integrations,
         log=log,
-        parallel=Parallel(model, env, cfg.train.strategy if env.distributed else None, cfg.train.fsdp_offload_params),
+        parallel=Parallel(model, env, strategy if env.distributed else None, cfg.train.fsdp_offload_params),
     )
     if trainer.par.note:
         log(trainer.par.note)
@@ -212,7 +219,7 @@ def run(
     after = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
 
     saved, weights, merged = model, None, True
-    if env.distributed and cfg.train.strategy == "fsdp":  # rank 0 saves from gathered whole tensors
+    if env.distributed and strategy == "fsdp":  # rank 0 saves from gathered whole tensors
         saved, weights, merged = _gathered_for_saving(model, cfg, log)
     rank0_only(_save_outputs, saved, tok, cfg, run_dir, resolved["model_name_or_path"], dtype, weights, merged)
     out = RunResult(run_dir, result, before, after, eval_loss, resume_from, peak, planned)
