@@ -36,10 +36,12 @@ class QuantizingHook:
         compute_dtype: torch.dtype,
         device: torch.device | str,
         targets: tuple[str, ...] = ALL_PROJECTIONS,
+        quantize_on: torch.device | str | None = None,
     ) -> None:
         if method is not None and method not in METHODS:
             raise QuantizationError(f"quantization {method!r} is not supported; choose one of: {', '.join(METHODS)}")
         self.method, self.compute_dtype, self.device, self.targets = method, compute_dtype, device, targets
+        self.quantize_on = quantize_on or device  # e.g. quantize on the GPU, keep the result in host memory
         self.bnb: dict[str, set[str]] = {}  # layer -> the checkpoint keys it is stored under
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
         self.quantized: set[str] = set()
@@ -84,10 +86,11 @@ class QuantizingHook:
         return [(name, tensor)]
 
     def _quantize(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-        w = weight.to(self.device, self.compute_dtype)
         if self.method == "nf4":
+            w = weight.to(self.quantize_on, self.compute_dtype)
             b = bias.to(self.device, self.compute_dtype) if bias is not None else None
-            return Linear4bit(quantize(w), b, self.compute_dtype)
+            return Linear4bit(quantize(w).to(self.device), b, self.compute_dtype)
+        w = weight.to(self.device, self.compute_dtype)
         with torch.device("meta"):
             lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
         lin.weight = nn.Parameter(w, requires_grad=False)
@@ -102,9 +105,11 @@ def load_quantized(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     with_tokenizer: bool = True,
+    quantize_on: torch.device | str | None = None,
 ) -> tuple[CausalLM, Any]:
-    """(model, tokenizer) with decoder-layer linears in `method` (None: 16-bit, but bnb checkpoints still load)."""
-    hook = QuantizingHook(method, dtype, device)
+    """(model, tokenizer) with decoder-layer linears in `method` (None: 16-bit, but bnb checkpoints still load).
+    quantize_on: where NF4 quantization runs when that is not `device` (a GPU, for a model kept in host memory)."""
+    hook = QuantizingHook(method, dtype, device, quantize_on=quantize_on)
     model, tok = load_model(source, dtype, device, hook=hook, with_tokenizer=with_tokenizer)
     if hook.pending:
         raise QuantizationError(f"incomplete 4-bit layers in the checkpoint: {', '.join(sorted(hook.pending)[:3])}")

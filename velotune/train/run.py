@@ -34,7 +34,7 @@ from velotune.train.distributed import (
 from velotune.train.explain import explain_untrainable
 from velotune.train.faults import Faults
 from velotune.train.loop import Trainer, TrainResult, evaluate_loss
-from velotune.train.memory import GiB, estimate, layers_trained, setting_for, usable_bytes
+from velotune.train.memory import GiB, estimate, layers_trained, read_model_config, setting_for, usable_bytes
 from velotune.train.report import MetricsLog, open_integrations, plot_metrics
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -128,6 +128,21 @@ class RunResult:
     plot_note: str = ""
 
 
+def _strategy(cfg: RunConfig, env: Any, device: torch.device, log: Callable[[str], Any]) -> str:
+    """The strategy of a multi-process run: as configured, or for auto the memory plan's choice (read from the
+    model's config alone, before any weight is loaded)."""
+    if cfg.train.strategy != "auto":
+        return cfg.train.strategy
+    planned = usable = None
+    if device.type == "cuda":
+        model_cfg, _ = read_model_config(cfg.train.model_name_or_path)
+        planned = estimate(model_cfg, setting_for(cfg, model_cfg)).total
+        usable = usable_bytes(torch.cuda.get_device_properties(device).total_memory)
+    strategy, why = choose_strategy(planned, usable)
+    log(f"strategy auto: {strategy} ({why})")
+    return strategy
+
+
 def _plan(model: CausalLM, cfg: RunConfig, device: torch.device, log: Callable[[str], Any]) -> int | None:
     """On CUDA: the planner's prediction for this run, printed beside the device's memory."""
     if device.type != "cuda":
@@ -156,8 +171,14 @@ def run(
     if not env.is_main:
         log = _quiet
     dtype = resolve_dtype(cfg.train.dtype, device)
+    strategy = _strategy(cfg, env, device, log) if env.distributed else None
+    # FSDP: the whole model goes to host memory first; sharding then moves one layer at a time to the GPU and keeps
+    # this process's shard, so no GPU ever holds the whole model
+    load_on = torch.device("cpu") if strategy == "fsdp" else device
     torch.manual_seed(cfg.train.seed)
-    model, tok = load_quantized(cfg.train.model_name_or_path, cfg.train.quantization, dtype, device)
+    model, tok = load_quantized(
+        cfg.train.model_name_or_path, cfg.train.quantization, dtype, load_on, quantize_on=device
+    )
     run_dir = resume_from.parent if resume_from and not cfg.train.output_dir else run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = cfg.to_flat() | {"model_name_or_path": getattr(model, "source", cfg.train.model_name_or_path)}
@@ -172,6 +193,9 @@ def run(
     log(train_ds.report())
     torch.manual_seed(cfg.train.seed)  # LoRA's initial weights: the same on every process
     prepare_model(model, cfg, log)
+    parallel = Parallel(model, env, strategy, cfg.train.fsdp_offload_params)
+    if parallel.note:
+        log(parallel.note)
     trainable, total = num_parameters(model, trainable_only=True), num_parameters(model)
     quant = f", {model.quantization} base" if model.quantization else ""
     name = resolved["model_name_or_path"]
@@ -181,12 +205,6 @@ def run(
     before = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
     pad_id = tok.pad_token_id
     integrations = open_integrations(cfg.train.report_to, run_dir, resolved, log) if env.is_main else []
-    strategy = cfg.train.strategy
-    if env.distributed and strategy == "auto":
-        planned = estimate(model.config, setting_for(cfg, model.config)).total if device.type == "cuda" else None
-        usable = usable_bytes(torch.cuda.get_device_properties(device).total_memory) if planned else None
-        strategy, why = choose_strategy(planned, usable)
-        log(f"strategy auto: {strategy} ({why})")
     trainer = Trainer(
         model,
         train_ds,
@@ -201,10 +219,8 @@ def run(
         faults=faults,
         integrations=integrations,
         log=log,
-        parallel=Parallel(model, env, strategy if env.distributed else None, cfg.train.fsdp_offload_params),
+        parallel=parallel,
     )
-    if trainer.par.note:
-        log(trainer.par.note)
     if cfg.train.auto_batch_size:
         log(trainer.auto_micro_batch())
     planned = _plan(model, cfg, device, log)
