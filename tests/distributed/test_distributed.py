@@ -5,6 +5,7 @@ layout errors, the split of a step and the 1-process path against Trainer.accumu
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -165,3 +166,12 @@ def test_strategy_auto_picks_ddp_when_a_whole_model_fits_each_gpu_else_fsdp():
     strategy, why = vd.choose_strategy(150 * gib, 70 * gib)
     assert strategy == "fsdp" and "planned peak 150.0 GiB, 70.0 usable" in why
     assert vd.choose_strategy(None, None) == ("ddp", "no GPU memory limit to plan against")  # CPU runs
+
+
+def test_generation_under_fsdp_keeps_the_processes_in_step(tmp_path):
+    script = Path(__file__).with_name("generate_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1 and rank0  # rank 0's sampled tokens on both

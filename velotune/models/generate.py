@@ -25,6 +25,22 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, 
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """True for an FSDP2-sharded model: each forward is a collective, so every process must take the same steps."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule) and torch.distributed.is_initialized()
+
+
+def _rank0_choice(tok: int, device: torch.device) -> int:
+    """Rank 0's token on every process, so all of them continue and stop together."""
+    t = torch.tensor([tok], device=device)
+    torch.distributed.broadcast(t, src=0)
+    return int(t)
+
+
 @torch.no_grad()
 def generate(
     model: CausalLM,
@@ -38,7 +54,8 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     seed: int | None = None,
 ) -> list[int]:
-    """New token ids after `prompt_ids` (one sequence), stopping at any EOS id; `on_token` sees each as it comes."""
+    """New token ids after `prompt_ids` (one sequence), stopping at any EOS id; `on_token` sees each as it comes.
+    Under FSDP every process generates in step with rank 0 (its tokens are broadcast)."""
     was_training = model.training
     model.eval()
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
@@ -47,6 +64,7 @@ def generate(
     ids = torch.tensor([list(prompt_ids)], device=model.device)
     out: list[int] = []
     seen = set(prompt_ids)
+    sharded = _is_sharded(model)
     for _ in range(max_new_tokens):
         logits = model(ids, cache=cache, logits_to_keep=1).logits[0, -1].float().cpu()
         if repetition_penalty != 1.0 and seen:
@@ -54,6 +72,8 @@ def generate(
             vals = logits[idx]
             logits[idx] = torch.where(vals > 0, vals / repetition_penalty, vals * repetition_penalty)
         tok = _sample(logits, temperature, top_k, top_p, gen)
+        if sharded:
+            tok = _rank0_choice(tok, model.device)
         if tok in eos:
             break
         out.append(tok)
