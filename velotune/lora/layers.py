@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from velotune.kernels.lora import LoRAWeights, lora_linear
+from velotune.kernels.lora import LoRAWeights, Weight, lora_linear
 
 
 class LoRALinear(nn.Module):
@@ -37,31 +37,33 @@ class LoRALinear(nn.Module):
         """[..., in] -> [..., out] through kernels.lora.lora_linear, which saves no [..., out] tensor and never a
         dequantized base weight. Bases that are neither nn.Linear nor a quantized linear computing in x's dtype
         take the plain composition. need_output=False: see forward_for_backward."""
-        base = self.base_layer
         x_lora = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
-        if isinstance(base, nn.Linear):
-            return lora_linear(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, x_lora, need_output)
-        if hasattr(base, "dequantize") and getattr(base, "compute_dtype", None) == x.dtype:
-            bias = None if base.bias is None else base.bias.to(x.dtype)
-            weight_fn = functools.partial(base.dequantize, x.dtype)  # called again in backward
-            return lora_linear(x, weight_fn, bias, self.lora_A, self.lora_B, self.scaling, x_lora, need_output)
-        y = base(x)  # [..., out]
+        frozen = self._frozen_base(x.dtype)
+        if frozen is not None:
+            weight, bias = frozen
+            return lora_linear(x, weight, bias, self.lora_A, self.lora_B, self.scaling, x_lora, need_output)
+        y = self.base_layer(x)  # [..., out]
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return y + ((x if x_lora is None else x_lora) @ a.t() @ b.t()) * self.scaling
+
+    def _frozen_base(self, dtype: torch.dtype) -> tuple[Weight, torch.Tensor | None] | None:
+        """(weight or a callable rebuilding it, bias in `dtype`) for the LoRA Functions, or None for a base that is
+        neither nn.Linear nor a quantized linear computing in `dtype`."""
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            return base.weight, base.bias
+        if hasattr(base, "dequantize") and getattr(base, "compute_dtype", None) == dtype:
+            bias = None if base.bias is None else base.bias.to(dtype)
+            return functools.partial(base.dequantize, dtype), bias  # called again in backward
+        return None
 
     def lora_weights(self, dtype: torch.dtype) -> LoRAWeights | None:
         """This projection for the fused LoRA MLP at activation dtype `dtype`, or None where it cannot take part
         (LoRA dropout, a base that is neither nn.Linear nor a quantized linear computing in `dtype`)."""
-        base = self.base_layer
         if not isinstance(self.dropout, nn.Identity):
             return None
-        if isinstance(base, nn.Linear):
-            return LoRAWeights(base.weight, base.bias, self.lora_A, self.lora_B, self.scaling)
-        if hasattr(base, "dequantize") and getattr(base, "compute_dtype", None) == dtype:
-            bias = None if base.bias is None else base.bias.to(dtype)
-            weight_fn = functools.partial(base.dequantize, dtype)
-            return LoRAWeights(weight_fn, bias, self.lora_A, self.lora_B, self.scaling)
-        return None
+        frozen = self._frozen_base(dtype)
+        return None if frozen is None else LoRAWeights(*frozen, self.lora_A, self.lora_B, self.scaling)
 
     def forward_for_backward(self, x: torch.Tensor) -> torch.Tensor:
         """forward() when only its backward will be used (a checkpoint recomputation): the base matmul is skipped
