@@ -27,7 +27,6 @@ _GRAD_ANCHOR = torch.empty(0, requires_grad=True)
 
 
 def _host_buffer(slot: int, like: torch.Tensor) -> torch.Tensor:
-    slot = slot if slot >= 0 else -1 - slot
     key = (slot, tuple(like.shape), like.dtype)
     buf = _PINNED.get(key)
     if buf is None:
@@ -103,11 +102,18 @@ class _RecomputedLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, fn: Callable, slot: int, offload: bool, anchor: torch.Tensor, x: torch.Tensor, *rest: Any
+        ctx: Any,
+        fn: Callable,
+        slot: int,
+        first: bool,
+        offload: bool,
+        anchor: torch.Tensor,
+        x: torch.Tensor,
+        *rest: Any,
     ) -> torch.Tensor:
         ctx.fn, ctx.rest, ctx.copy = fn, rest, None
         if offload and x.is_cuda:
-            below = _LAST_COPY.get(x.device) if slot >= 0 else None  # slot < 0: the first layer of this forward
+            below = None if first else _LAST_COPY.get(x.device)  # the copy of the layer below, in this forward
             ctx.copy = _LAST_COPY[x.device] = _HostCopy(x, slot, below)
         else:
             ctx.save_for_backward(x)
@@ -127,12 +133,12 @@ class _RecomputedLayer(torch.autograd.Function):
             ctx.copy = None
         else:
             (x,) = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[4]
+        need_x = ctx.needs_input_grad[6]
         x = x.detach().requires_grad_(need_x)
         with torch.enable_grad(), _rng_restored(ctx.rng, ctx.device):
             out = ctx.fn(x, *ctx.rest, need_output=False)
         torch.autograd.backward(out, grad_out)
-        return (None, None, None, None, x.grad if need_x else None) + (None,) * len(ctx.rest)
+        return (None,) * 6 + (x.grad if need_x else None,) + (None,) * len(ctx.rest)
 
 
 def run_layer(
@@ -144,7 +150,7 @@ def run_layer(
     Under checkpointing, `layer` must accept need_output=False (called so in the recomputation)."""
     if mode is None:
         return layer(x, *rest)
-    return _RecomputedLayer.apply(layer, -1 - slot if first else slot, mode == "offload", _GRAD_ANCHOR, x, *rest)
+    return _RecomputedLayer.apply(layer, slot, first, mode == "offload", _GRAD_ANCHOR, x, *rest)
 
 
 def checkpointed_layers(num_layers: int, fraction: float) -> list[bool]:
