@@ -133,12 +133,12 @@ class _RecomputedLayer(torch.autograd.Function):
             ctx.copy = None
         else:
             (x,) = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[6]
+        need_x = ctx.needs_input_grad[5]  # x follows fn, slot, first, offload, anchor
         x = x.detach().requires_grad_(need_x)
         with torch.enable_grad(), _rng_restored(ctx.rng, ctx.device):
             out = ctx.fn(x, *ctx.rest, need_output=False)
         torch.autograd.backward(out, grad_out)
-        return (None,) * 6 + (x.grad if need_x else None,) + (None,) * len(ctx.rest)
+        return (None,) * 5 + (x.grad if need_x else None,) + (None,) * len(ctx.rest)
 
 
 def run_layer(
