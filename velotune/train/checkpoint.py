@@ -275,13 +275,15 @@ class Checkpoint:
     torch_state: dict[str, Any]
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
+def load_checkpoint(path: Path, with_optimizer: bool = True) -> Checkpoint:
+    """A complete checkpoint read back (whole-state layout: weights and, if asked, optimizer state in memory)."""
     missing = missing_files(path)
     if missing:
         raise ConfigError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
     state = TrainState.from_dict(json.loads((path / STATE).read_text()))
     sharded = (path / SHARDED).is_dir()
     weights = None if sharded else load_file(str(path / WEIGHTS))
-    optimizer = None if sharded else torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+    read_optimizer = with_optimizer and not sharded
+    optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True) if read_optimizer else None
     torch_state = torch.load(path / TORCH_STATE, map_location="cpu", weights_only=True)
     return Checkpoint(path, state, weights, optimizer, torch_state)

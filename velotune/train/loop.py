@@ -34,6 +34,7 @@ from velotune.train.checkpoint import (
     METRICS,
     PREFIX,
     SHARDED,
+    Checkpoint,
     TrainState,
     load_checkpoint,
     remove_partial,
@@ -91,6 +92,17 @@ class TrainResult:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def load_trained(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ckpt: Checkpoint) -> None:
+    """A checkpoint's trained weights, and with `optimizer` its optimizer state, into the model: whole states
+    (sharded by FSDP as they load) or torch.distributed.checkpoint shards (every process: a collective)."""
+    if ckpt.weights is None:
+        load_sharded_state(model, optimizer, ckpt.path / SHARDED)
+        return
+    load_full_trainable_state(model, ckpt.weights, str(ckpt.path))
+    if optimizer is not None:
+        load_full_optimizer_state(optimizer, ckpt.optimizer)
 
 
 class Trainer:
@@ -424,11 +436,7 @@ class Trainer:
                 f"{path}: the data order differs from the checkpoint's (it has {saved.data}, this run {mine}); "
                 "resume with the same dataset, batch size, gradient accumulation and seed"
             )
-        if ckpt.weights is None:
-            load_sharded_state(self.model, self.optimizer, path / SHARDED)
-        else:
-            load_full_trainable_state(self.model, ckpt.weights, str(path))
-            load_full_optimizer_state(self.optimizer, ckpt.optimizer)
+        load_trained(self.model, self.optimizer, ckpt)
         self.scheduler.load_state_dict(ckpt.torch_state["scheduler"])
         self._apply_learning_rate()
         self.monitor.load_state_dict(saved.monitor)

@@ -259,19 +259,14 @@ def _quiet(*args: Any, **kwargs: Any) -> None:
 
 def _load_best(model: CausalLM, run_dir: Path, result: TrainResult, log: Callable[[str], None]) -> None:
     """Put the best checkpoint's trained weights (lowest eval loss) back into `model` (every process: FSDP)."""
-    from safetensors.torch import load_file
-
-    from velotune.train.checkpoint import SHARDED, WEIGHTS
-    from velotune.train.distributed import load_full_trainable_state, load_sharded_state
+    from velotune.train.checkpoint import load_checkpoint
+    from velotune.train.loop import load_trained
 
     if not result.best_checkpoint:
         log("load_best_model_at_end: no checkpoint was evaluated; the last step's weights are kept")
         return
     best = run_dir / result.best_checkpoint
-    if (best / SHARDED).is_dir():
-        load_sharded_state(model, None, best / SHARDED)
-    else:
-        load_full_trainable_state(model, load_file(str(best / WEIGHTS)), str(best))
+    load_trained(model, None, load_checkpoint(best, with_optimizer=False))
     log(f"load_best_model_at_end: the outputs hold {best.name}, the lowest eval loss")
 
 
