@@ -19,6 +19,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def lora_model(a: argparse.Namespace) -> tuple:
+    """(model in train mode, trainable parameters, fused AdamW) for the bench checkpoint in a.dir: a.quant, LoRA
+    r=a.r on every projection, checkpointing a.ckpt over a fraction a.ckpt_layers of the layers."""
+    import torch
+
+    from velotune.lora.apply import get_peft_model
+    from velotune.quant.loading import load_quantized
+
+    method = None if a.quant == "none" else a.quant
+    model, _ = load_quantized(a.dir, method, torch.bfloat16, "cuda", with_tokenizer=False)
+    get_peft_model(model, r=a.r, lora_alpha=a.r, target_modules=TARGETS)
+    model.gradient_checkpointing = {"0": False, "1": True, "offload": "offload"}[a.ckpt]
+    model.checkpoint_layers = a.ckpt_layers
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options lora_model reads (shared by the benches that time or profile a step)."""
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--quant", default="none", choices=["none", "nf4"])
+    ap.add_argument("--bs", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--ckpt", default="offload", choices=["0", "1", "offload"])
+    ap.add_argument("--ckpt_layers", type=float, default=1.0, help="fraction of layers checkpointed")
+
+
 def run(a: argparse.Namespace) -> None:
     t0 = time.time()
     keys = ("quant", "bs", "seq", "r", "ckpt", "ckpt_layers", "steps")
@@ -26,23 +55,13 @@ def run(a: argparse.Namespace) -> None:
     try:
         import torch
 
-        from velotune.lora.apply import get_peft_model
-        from velotune.quant.loading import load_quantized
-
-        method = None if a.quant == "none" else a.quant
-        model, _ = load_quantized(a.dir, method, torch.bfloat16, "cuda", with_tokenizer=False)
-        get_peft_model(model, r=a.r, lora_alpha=a.r, target_modules=TARGETS)
-        model.gradient_checkpointing = {"0": False, "1": True, "offload": "offload"}[a.ckpt]
-        model.checkpoint_layers = a.ckpt_layers
+        model, params, opt = lora_model(a)
         rec["checkpointing"] = model.checkpoint_mode
         if a.ckpt_layers < 1:
             rec["checkpointing"] = f"{model.checkpoint_mode} ({a.ckpt_layers:g} of layers)"
         rec["load_s"] = round(time.time() - t0, 1)
         rec["mem_after_load_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
         rec["trainable"] = sum(p.numel() for p in params)
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
         vocab = model.config.vocab_size
         g = torch.Generator(device="cuda").manual_seed(0)
         torch.cuda.reset_peak_memory_stats()
@@ -136,13 +155,7 @@ if __name__ == "__main__":
         table(sys.argv[2])
         sys.exit(0)
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dir", required=True)
-    ap.add_argument("--quant", default="none", choices=["none", "nf4"])
-    ap.add_argument("--bs", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--ckpt", default="offload", choices=["0", "1", "offload"])
-    ap.add_argument("--ckpt_layers", type=float, default=1.0, help="fraction of layers checkpointed")
+    add_model_arguments(ap)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", action="store_true")

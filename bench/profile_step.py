@@ -113,18 +113,9 @@ def profile(a: argparse.Namespace) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.bench_train import TARGETS
-    from velotune.lora.apply import get_peft_model
-    from velotune.quant.loading import load_quantized
+    from bench.bench_train import lora_model
 
-    model, _ = load_quantized(
-        a.dir, None if a.quant == "none" else a.quant, torch.bfloat16, "cuda", with_tokenizer=False
-    )
-    get_peft_model(model, r=16, lora_alpha=16, target_modules=TARGETS)
-    model.gradient_checkpointing = {"0": False, "1": True, "offload": "offload"}[a.ckpt]
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    model, _, opt = lora_model(a)
     g = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(4, model.config.vocab_size, (a.bs, a.seq), device="cuda", generator=g)
 
@@ -153,11 +144,9 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "analyze":
         analyze(sys.argv[2])
         sys.exit(0)
+    from bench.bench_train import add_model_arguments
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dir", required=True)
-    ap.add_argument("--quant", default="none", choices=["none", "nf4"])
-    ap.add_argument("--bs", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--ckpt", default="offload", choices=["0", "1", "offload"])
+    add_model_arguments(ap)
     ap.add_argument("--trace", default="/tmp/trace.json.gz")
     profile(ap.parse_args())
