@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; : > "$OUT/results.jsonl"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 date -u +%F | tee -a "$OUT/gpu.txt"
 if [ -f bench/carry/anchors.tgz ]; then mkdir -p /tmp/site && tar xzf bench/carry/anchors.tgz -C /tmp/site; fi
-[ "${KTESTS:-0}" = 1 ] && { python3 -m pytest -q -m gpu tests/kernels tests/quant 2>&1 | tail -15 | tee "$OUT/kernel_tests.txt"; }
+[ "${KTESTS:-0}" = 1 ] && { python3 -m pytest -q -m gpu tests/kernels tests/quant tests/models/test_checkpointing.py 2>&1 | tail -15 | tee "$OUT/kernel_tests.txt"; }
 START=$SECONDS
 DIR=/tmp/m_${PRESET:-llama3-8b}
 [ -d $DIR ] || PYTHONPATH=/tmp/site python3 bench/carry/anchor_bench.py make --dir $DIR --preset ${PRESET:-llama3-8b} 2>&1 | tail -1

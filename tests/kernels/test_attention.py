@@ -59,3 +59,30 @@ def _reference(q, k, v, dout, mask, causal, scale, cap, dtype):
     q_, k_, v_ = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
     out = attention_reference(q_, k_, v_, mask, causal, scale, cap)
     return (out, *torch.autograd.grad(out, (q_, k_, v_), dout.to(dtype)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or flex_attention is None, reason="FlexAttention needs CUDA")
+def test_flex_softcap_new_lengths_do_not_recompile_each_time():
+    """Training batches padded to their longest row change length every step: FlexAttention must not compile a
+    kernel per length (dynamo gives up after 8 and runs unfused eager attention), and stays exact."""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    compiled = []
+    for t in range(96, 96 + 12 * 40, 40):  # 12 lengths
+        q, k, v = (torch.randn(1, h, t, 64, device="cuda", generator=g, dtype=torch.bfloat16) for h in (4, 2, 2))
+        before = counters["frames"]["ok"]
+        out = softcap_attention_flex(q, k, v, None, True, 0.125, 30.0)
+        compiled.append(counters["frames"]["ok"] - before)
+        ref = attention_reference(q.float(), k.float(), v.float(), None, True, 0.125, 30.0)
+        assert (out.float() - ref).abs().max().item() < 2e-2 * ref.abs().max().item()
+    assert sum(compiled[2:]) == 0, f"frames compiled per new length: {compiled}"
+
+
+def test_flex_kernel_options_env_override(monkeypatch):
+    from velotune.kernels.attention import FLEX_OPTIONS_ENV, flex_kernel_options
+
+    assert flex_kernel_options(256, torch.device("cpu")) is None
+    monkeypatch.setenv(FLEX_OPTIONS_ENV, '{"BLOCK_M": 64}')
+    assert flex_kernel_options(256, torch.device("cpu")) == {"BLOCK_M": 64}

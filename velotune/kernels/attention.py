@@ -10,6 +10,7 @@ unavailable, it takes the explicit reference path, which holds [B, H, Tq, Tk] fp
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import torch
@@ -71,12 +72,43 @@ def attention(
 
 
 FLEX_MODE_ENV = "VELOTUNE_FLEX_MODE"  # torch.compile mode for FlexAttention, e.g. max-autotune-no-cudagraphs
+FLEX_OPTIONS_ENV = "VELOTUNE_FLEX_OPTIONS"  # JSON kernel_options for FlexAttention, replacing the table below
+
+# FlexAttention's default tiles for head dim 256 are small (64 x 64 forward, 32/64 backward with 4 warps): on an
+# H100 at Gemma-2-9B's shapes they reach 129 TFLOP/s forward and 88 forward+backward. These tiles, measured with
+# bench/bench_attention.py on 2026-11-23, do better; other head dims keep FlexAttention's own choice.
+_FLEX_TILES = {
+    (9, 256): {
+        "fwd_BLOCK_M": 128,
+        "fwd_BLOCK_N": 64,
+        "fwd_num_warps": 8,
+        "fwd_num_stages": 2,
+        "bwd_BLOCK_M1": 64,
+        "bwd_BLOCK_N1": 64,
+        "bwd_BLOCK_M2": 64,
+        "bwd_BLOCK_N2": 64,
+        "bwd_num_warps": 8,
+        "bwd_num_stages": 2,
+    },
+}
+
+
+def flex_kernel_options(head_dim: int, device: torch.device) -> dict | None:
+    """Tile sizes for FlexAttention on this GPU generation and head dim (None: FlexAttention's defaults)."""
+    override = os.environ.get(FLEX_OPTIONS_ENV)
+    if override:
+        return json.loads(override)
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+    return _FLEX_TILES.get((major, head_dim))
 
 
 @functools.cache
 def _compiled_flex():
+    # dynamic=None: the first length compiles a static kernel (the fastest, for fixed-length benchmarks and packed
+    # batches); a second length recompiles once with dynamic lengths. dynamic=False compiled every new length
+    # (7-18 s each) and after 8 fell back to unfused eager attention, 50x slower.
     mode = os.environ.get(FLEX_MODE_ENV) or None
-    return torch.compile(flex_attention, dynamic=False, mode=mode)
+    return torch.compile(flex_attention, dynamic=None, mode=mode)
 
 
 _BLOCK_MASKS: dict = {}
@@ -128,4 +160,7 @@ def softcap_attention_flex(
 
     bm = _block_mask(mask, causal, q.shape[0], q.shape[2], k.shape[2], q.device)
     gqa = q.shape[1] != k.shape[1]
-    return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa)
+    options = flex_kernel_options(q.shape[-1], q.device)
+    return _compiled_flex()(
+        q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=options
+    )

@@ -27,6 +27,7 @@ These are estimates, written so each term can be checked against bench/bench_pla
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -59,6 +60,7 @@ CHECKPOINTING = {None: "none", "checkpoint": "recompute", "offload": "offload"}
 COMPUTE_COST = {None: 1.0, "checkpoint": 4 / 3, "offload": 4 / 3 * 1.05}
 QUANT_COST = {None: 1.0, "nf4": 1.1, "int8": 1.1}
 HALF_UTILISATION_TOKENS = 512
+CHECKPOINT_FRACTIONS = (1.0, 0.75, 0.5, 0.4, 0.3, 0.2, 0.1)  # gradient_checkpointing_layers the planner tries
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,9 @@ def layer_activation_values(cfg: ModelConfig, s: Setting) -> int:
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     sandwich = 2 * h if cfg.sandwich_norm else 0
     lora = s.lora_r * len(s.lora_targets) if s.finetuning == "lora" else 0
-    return 4 * h + 3 * q + 2 * kv + 3 * i + sandwich + lora
+    # LoRA on gate, up and down runs as one fused MLP Function that keeps gate and up and rebuilds the down input
+    fused_mlp = s.finetuning == "lora" and {"gate_proj", "up_proj", "down_proj"} <= set(s.lora_targets)
+    return 4 * h + 3 * q + 2 * kv + (2 if fused_mlp else 3) * i + sandwich + lora
 
 
 def estimate(cfg: ModelConfig, s: Setting) -> Estimate:
@@ -213,7 +217,9 @@ def usable_bytes(capacity: int) -> int:
 def relative_cost(s: Setting) -> float:
     """Time per token relative to a saturated 16-bit step without recompute (for ranking only)."""
     utilisation = s.tokens / (s.tokens + HALF_UTILISATION_TOKENS)
-    return COMPUTE_COST[s.checkpointing] * QUANT_COST[s.quantization] / utilisation
+    recompute = COMPUTE_COST[s.checkpointing] - 1.0
+    layers = s.checkpoint_layers if s.checkpointing else 1.0
+    return (1.0 + recompute * layers) * QUANT_COST[s.quantization] / utilisation
 
 
 @dataclass
@@ -225,9 +231,10 @@ class Recommendation:
     def describe(self) -> str:
         s = self.setting
         quant = {None: "16-bit", "nf4": "4-bit (load_in_4bit)", "int8": "8-bit (load_in_8bit)"}[s.quantization]
+        layers = f" ({s.checkpoint_layers:g} of layers)" if s.checkpointing and s.checkpoint_layers < 1 else ""
         return (
             f"micro-batch {s.micro_batch}, gradient_accumulation_steps {self.accumulation}, gradient_checkpointing "
-            f"{CHECKPOINTING[s.checkpointing]}, {quant} weights: predicted {self.estimate.total / GiB:.1f} GiB"
+            f"{CHECKPOINTING[s.checkpointing]}{layers}, {quant} weights: predicted {self.estimate.total / GiB:.1f} GiB"
         )
 
     def overrides(self) -> str:
@@ -237,19 +244,21 @@ class Recommendation:
             f"--per_device_train_batch_size {s.micro_batch} --gradient_accumulation_steps {self.accumulation} "
             f"--gradient_checkpointing {gc}"
         )
+        if s.checkpointing and s.checkpoint_layers < 1:
+            out += f" --gradient_checkpointing_layers {s.checkpoint_layers:g}"
         return out + (" --load_in_4bit true" if s.quantization == "nf4" else "")
 
 
 def recommend(cfg: ModelConfig, s: Setting, effective_batch: int, capacity: int) -> Recommendation | None:
-    """The fastest setting (micro-batch, accumulation, checkpointing, 4-bit or not) that fits in `capacity` bytes,
-    keeping the effective batch; None when nothing fits."""
+    """The fastest setting (micro-batch, accumulation, checkpointing and the fraction of layers it covers, 4-bit or
+    not) that fits in `capacity` bytes, keeping the effective batch; None when nothing fits."""
     quants = [s.quantization] if s.finetuning != "lora" or s.quantization else [None, "nf4"]
     sizes = sorted({2**k for k in range(int(math.log2(max(1, effective_batch))) + 1)} | {effective_batch})
     best: Recommendation | None = None
     for quant in quants:
         for policy in COMPUTE_COST:
-            for mb in sizes:
-                trial = replace(s, micro_batch=mb, checkpointing=policy, quantization=quant)
+            for mb, layers in itertools.product(sizes, CHECKPOINT_FRACTIONS if policy else (1.0,)):
+                trial = replace(s, micro_batch=mb, checkpointing=policy, checkpoint_layers=layers, quantization=quant)
                 est = estimate(cfg, trial)
                 if est.total > usable_bytes(capacity):
                     continue
