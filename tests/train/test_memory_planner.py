@@ -5,18 +5,16 @@ Peak predictions against measured GPU peaks are checked by bench/bench_planner.p
 """
 
 import argparse
-import inspect
 import json
 from dataclasses import replace
 
 import pytest
 
 from velotune.errors import ConfigError
-from velotune.kernels.cross_entropy import linear_cross_entropy
+from velotune.kernels.cross_entropy import chunk_tokens
 from velotune.models.config import ModelConfig
 from velotune.train.config import run_config_from_dict
 from velotune.train.memory import (
-    CE_CHUNK_TOKENS,
     CUDA_CONTEXT,
     FRAGMENTATION,
     GPUS,
@@ -140,8 +138,14 @@ def test_padding_mask_is_quadratic_in_sequence():
     assert b == 4 * a
 
 
-def test_cross_entropy_chunk_matches_the_kernel():
-    assert inspect.signature(linear_cross_entropy).parameters["chunk_size"].default == CE_CHUNK_TOKENS
+def test_loss_part_is_the_kernels_logits_buffer():
+    """The planner's loss term is the [chunk, V] buffer linear_cross_entropy allocates: at most 512 MiB, so a 256k
+    vocabulary (Gemma) takes 1024-token chunks, and small vocabularies keep 4096."""
+    assert chunk_tokens(256000, 2) == 1024 and chunk_tokens(49152, 2) == 4096 and chunk_tokens(152064, 2) == 1536
+    gemma = replace(LLAMA_8B, vocab_size=256000)
+    s = Setting(micro_batch=2, seq_len=2048, checkpointing="offload")
+    loss = estimate(gemma, s).parts["peak of: loss / layer backward"]
+    assert loss >= 1024 * 256000 * 2 and loss < 4096 * 256000 * 2
 
 
 def test_recommendation_is_fast_where_memory_is_plenty_and_4bit_where_it_is_not():

@@ -141,6 +141,17 @@ def chunk_loss_and_grad_triton(
 _CHUNK_STEPS = {False: chunk_loss_and_grad_reference, True: chunk_loss_and_grad_triton}
 
 
+LOGITS_BUFFER_BYTES = 512 * 2**20  # the [chunk, V] logits buffer's size; all saved activations are alive beside it
+
+
+def chunk_tokens(vocab_size: int, element_size: int) -> int:
+    """Tokens per chunk: as many as fit the logits buffer (a multiple of 256, between 256 and 4096). A fixed 4096
+    made the buffer 2 GiB at Gemma's 256k vocabulary, the step's memory peak; 1024-token chunks still run the
+    logits matmul near the GPU's full rate."""
+    fit = LOGITS_BUFFER_BYTES // (vocab_size * element_size) // 256 * 256
+    return max(256, min(4096, fit))
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Chunked loss whose gradients are computed in forward; backward only scales them by the incoming gradient."""
 
@@ -184,12 +195,14 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     softcap: float | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Sum over tokens of cross-entropy(hidden @ weight.T, targets), fp32 scalar. hidden [N, H], weight [V, H].
 
-    The per-chunk softmax and gradient run in Triton on CUDA, in PyTorch elsewhere.
+    The per-chunk softmax and gradient run in Triton on CUDA, in PyTorch elsewhere. chunk_size defaults to
+    chunk_tokens(V, element size).
     """
+    chunk_size = chunk_size or chunk_tokens(weight.shape[0], hidden.element_size())
     fused = use_triton(hidden, weight, targets)
     if not fused:
         reference_notice("chunked cross-entropy", no_triton_reason(), hidden)

@@ -17,7 +17,7 @@ L layers, V vocabulary, and a = bytes per activation value (2 in bf16):
 - backward working memory of one layer (T x (3I + 2H)); rope tables; with NF4/int8, one linear's weight
   dequantized to 16 bits at a time;
 - the loss: the decoder's chunked cross-entropy keeps one [chunk x V] logits buffer in the activation dtype (the
-  gradient is written over it), chunk = CE_CHUNK_TOKENS (4096: the same bytes as 1024 tokens x V in fp32 x 2), plus
+  gradient is written over it) of at most 512 MiB (kernels.cross_entropy.chunk_tokens), plus
   the final hidden states, their copy for target tokens and their gradient (3 x T x H); training lm_head adds its
   fp32 gradient (V x H x 4);
 - a boolean attention mask and its 16-bit additive form (B x T^2 x 3 bytes) when batches are padded or packed.
@@ -35,13 +35,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from velotune.errors import ConfigError
+from velotune.kernels.cross_entropy import chunk_tokens
 from velotune.models.checkpointing import checkpointed_layers
 from velotune.models.config import ModelConfig
 from velotune.train.config import RunConfig
 
 GiB = 2**30
 MiB = 2**20
-CE_CHUNK_TOKENS = 4096  # velotune.kernels.cross_entropy.linear_cross_entropy's chunk_size
 CUDA_CONTEXT = 1 * GiB  # CUDA context, cuBLAS workspace: on the device, not in max_memory_allocated
 FRAGMENTATION = 0.95  # share of the rest the caching allocator can hand out in practice
 # Memory each card reports (nvidia-smi MiB); names as `--gpu` accepts them.
@@ -194,7 +194,7 @@ def estimate(cfg: ModelConfig, s: Setting) -> Estimate:
     if s.quantization:
         working += max(x * y for x, y in linear_shapes(cfg).values()) * a
     head_trains = s.finetuning != "lora"
-    loss = min(t, CE_CHUNK_TOKENS) * cfg.vocab_size * a + 3 * t * h * a
+    loss = min(t, chunk_tokens(cfg.vocab_size, a)) * cfg.vocab_size * a + 3 * t * h * a
     loss += cfg.vocab_size * h * 4 if head_trains else 0
     values, states = _trained(cfg, s)
     weights_label = {None: "weights (16-bit)", "nf4": "weights (NF4 decoder, 16-bit embeddings)"}
