@@ -102,38 +102,50 @@ def flex_kernel_options(head_dim: int, device: torch.device) -> dict | None:
     return _FLEX_TILES.get((major, head_dim))
 
 
+FLEX_LENGTH_MULTIPLE = 128  # lengths are padded to a multiple of this, so FlexAttention compiles one kernel per bucket
+FLEX_RECOMPILE_LIMIT = 64  # kernels FlexAttention may compile (buckets x dtypes x head dims) before dynamo gives up
+
+
 @functools.cache
 def _compiled_flex():
-    # dynamic=None: the first length compiles a static kernel (the fastest, for fixed-length benchmarks and packed
-    # batches); a second length recompiles once with dynamic lengths. dynamic=False compiled every new length
-    # (7-18 s each) and after 8 fell back to unfused eager attention, 50x slower.
+    # Static lengths: dynamic=None (automatic dynamic) fails to trace FlexAttention's backward when a second length
+    # arrives on torch 2.11. Each length bucket compiles once (seconds); dynamo's default limit of 8 recompiles would
+    # then fall back to unfused eager attention, so the call raises it (see softcap_attention_flex).
     mode = os.environ.get(FLEX_MODE_ENV) or None
-    return torch.compile(flex_attention, dynamic=None, mode=mode)
+    return torch.compile(flex_attention, dynamic=False, mode=mode)
 
 
 _BLOCK_MASKS: dict = {}
 
 
-def _block_mask(mask: torch.Tensor | None, causal: bool, b: int, tq: int, tk: int, device: torch.device):
-    """FlexAttention block mask for a boolean mask [B, 1, Tq, Tk] or plain causal; the last few are reused."""
-    key = (None if mask is None else (mask.data_ptr(), mask._version), causal, b, tq, tk, str(device))
+def _block_mask(mask: torch.Tensor | None, causal: bool, b: int, tq: int, tk: int, pq: int, pk: int, device):
+    """FlexAttention block mask over lengths padded to pq, pk for a boolean mask [B, 1, Tq, Tk] or plain causal
+    (padded keys are never attended by real queries); the last few are reused."""
+    key = (None if mask is None else (mask.data_ptr(), mask._version), causal, b, tq, tk, pq, pk, str(device))
     hit = _BLOCK_MASKS.get(key)
     if hit is not None:
         return hit[1]
     if mask is not None:
-        dense = mask[:, 0].expand(b, tq, tk)
+        dense = torch.zeros(b, pq, pk, dtype=torch.bool, device=device)
+        dense[:, :tq, :tk] = mask[:, 0]
 
         def mask_mod(bi, h, qi, ki):
             return dense[bi, qi, ki]
 
-        bm = create_block_mask(mask_mod, b, None, tq, tk, device=device, _compile=True)
+        bm = create_block_mask(mask_mod, b, None, pq, pk, device=device, _compile=True)
     elif causal:
         offset = tk - tq
 
         def mask_mod(bi, h, qi, ki):
             return ki <= qi + offset
 
-        bm = create_block_mask(mask_mod, None, None, tq, tk, device=device, _compile=True)
+        bm = create_block_mask(mask_mod, None, None, pq, pk, device=device, _compile=True)
+    elif pk != tk:
+
+        def mask_mod(bi, h, qi, ki):
+            return ki < tk
+
+        bm = create_block_mask(mask_mod, None, None, pq, pk, device=device, _compile=True)
     else:
         bm = None
     if len(_BLOCK_MASKS) >= 8:
@@ -152,15 +164,24 @@ def softcap_attention_flex(
     softcap: float,
 ) -> torch.Tensor:
     """Soft-capped attention, cap * tanh(q k^T * scale / cap), in FlexAttention (CUDA). Same contract as
-    attention_reference."""
+    attention_reference. Lengths are zero-padded to a multiple of FLEX_LENGTH_MULTIPLE (a padded batch changes
+    length every step; each new length would compile a kernel)."""
     cap = float(softcap)
 
     def score_mod(score, bi, h, qi, ki):
         return cap * torch.tanh(score / cap)
 
-    bm = _block_mask(mask, causal, q.shape[0], q.shape[2], k.shape[2], q.device)
+    b, tq, tk = q.shape[0], q.shape[2], k.shape[2]
+    pq, pk = (-(-t // FLEX_LENGTH_MULTIPLE) * FLEX_LENGTH_MULTIPLE for t in (tq, tk))
+    bm = _block_mask(mask, causal, b, tq, tk, pq, pk, q.device)
+    if pq != tq:
+        q = F.pad(q, (0, 0, 0, pq - tq))
+    if pk != tk:
+        k, v = F.pad(k, (0, 0, 0, pk - tk)), F.pad(v, (0, 0, 0, pk - tk))
     gqa = q.shape[1] != k.shape[1]
     options = flex_kernel_options(q.shape[-1], q.device)
-    return _compiled_flex()(
-        q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=options
-    )
+    with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
+        out = _compiled_flex()(
+            q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=options
+        )
+    return out[:, :, :tq] if pq != tq else out
