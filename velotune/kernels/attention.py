@@ -93,13 +93,15 @@ _FLEX_TILES = {
 }
 
 
-def flex_kernel_options(head_dim: int, device: torch.device) -> dict | None:
-    """Tile sizes for FlexAttention on this GPU generation and head dim (None: FlexAttention's defaults)."""
+def flex_kernel_options(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict | None:
+    """Tile sizes for FlexAttention on this GPU generation and head dim (None: FlexAttention's defaults). The table
+    holds 16-bit tiles: fp32 needs twice the shared memory (128 x 64 tiles at head dim 256 do not fit an H100)."""
     override = os.environ.get(FLEX_OPTIONS_ENV)
     if override:
         return json.loads(override)
-    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
-    return _FLEX_TILES.get((major, head_dim))
+    if dtype not in (torch.bfloat16, torch.float16) or device.type != "cuda":
+        return None
+    return _FLEX_TILES.get((torch.cuda.get_device_capability(device)[0], head_dim))
 
 
 FLEX_LENGTH_MULTIPLE = 128  # lengths are padded to a multiple of this, so FlexAttention compiles one kernel per bucket
@@ -179,7 +181,7 @@ def softcap_attention_flex(
     if pk != tk:
         k, v = F.pad(k, (0, 0, 0, pk - tk)), F.pad(v, (0, 0, 0, pk - tk))
     gqa = q.shape[1] != k.shape[1]
-    options = flex_kernel_options(q.shape[-1], q.device)
+    options = flex_kernel_options(q.shape[-1], q.device, q.dtype)
     with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
         out = _compiled_flex()(
             q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=options
