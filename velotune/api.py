@@ -15,6 +15,7 @@ from velotune.models.decoder import CausalLM
 from velotune.quant.loading import load_quantized
 from velotune.train.config import KEYS, TrainConfig, run_config_from_dict
 from velotune.train.loop import Trainer, TrainResult
+from velotune.train.memory import resolve_checkpoint_layers
 
 
 def load_model(
@@ -47,7 +48,9 @@ def fit(model: CausalLM, tokenizer: Any, dataset: str | Path, **kwargs: Any) -> 
     tc: TrainConfig = cfg.train
     train_ds, _ = build_datasets(data, tokenizer)
     model.gradient_checkpointing = tc.gradient_checkpointing
-    model.checkpoint_layers = tc.gradient_checkpointing_layers
+    model.checkpoint_layers, why = resolve_checkpoint_layers(cfg, model.config, next(model.parameters()).device)
+    if why:
+        print(why)
     out_dir = Path(tc.output_dir) if tc.output_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -216,3 +216,42 @@ def test_recommendation_checkpoints_only_the_layers_memory_requires():
     assert best.estimate.total <= usable_bytes(capacity)
     assert "--gradient_checkpointing_layers 0.5" in best.overrides() and "0.5 of layers" in best.describe()
     assert relative_cost(replace(s, checkpoint_layers=0.5)) < relative_cost(s)
+
+
+def test_checkpoint_layers_auto_takes_the_fewest_that_fit(monkeypatch):
+    """gradient_checkpointing_layers: auto recomputes the fewest layers whose planned peak fits the GPU it runs on;
+    every layer when none fits or without a GPU; a fraction given by the user is kept."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from velotune.train.memory import checkpoint_layers_that_fit, resolve_checkpoint_layers
+
+    s = Setting(micro_batch=1, seq_len=4096, checkpointing="offload", quantization="nf4")
+    half = estimate(LLAMA_8B, replace(s, checkpoint_layers=0.5)).total
+    capacity = int((half + 0.05 * GiB) / FRAGMENTATION) + CUDA_CONTEXT
+    assert checkpoint_layers_that_fit(LLAMA_8B, s, capacity) == 0.5
+    assert checkpoint_layers_that_fit(LLAMA_8B, s, 4 * GiB) == 1.0
+
+    run = run_config_from_dict(
+        {
+            "gradient_checkpointing_layers": "auto",
+            "gradient_checkpointing": "offload",
+            "load_in_4bit": True,
+            "max_seq_length": 4096,
+            "per_device_train_batch_size": 1,
+        }
+    )
+    assert setting_for(run, LLAMA_8B).checkpoint_layers == 1.0  # plans made before the GPU is known: all layers
+    assert resolve_checkpoint_layers(run, LLAMA_8B, torch.device("cpu")) == (1.0, "")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=capacity))
+    layers, why = resolve_checkpoint_layers(run, LLAMA_8B, torch.device("cuda"))
+    assert layers == 0.5 and "auto: 0.5" in why
+    given = run_config_from_dict({"gradient_checkpointing_layers": "0.75"})
+    assert resolve_checkpoint_layers(given, LLAMA_8B, torch.device("cuda")) == (0.75, "")
+
+
+@pytest.mark.parametrize("value", ["fast", 0, 1.5])
+def test_checkpoint_layers_refuses_what_is_not_a_fraction_or_auto(value):
+    with pytest.raises(ConfigError, match="gradient_checkpointing_layers.*auto"):
+        run_config_from_dict({"gradient_checkpointing_layers": value})

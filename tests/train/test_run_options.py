@@ -143,3 +143,11 @@ def test_load_best_model_at_end_saves_the_lowest_eval_loss_checkpoint(tiny_model
 def test_load_best_model_at_end_needs_evaluations_at_checkpoints():
     with pytest.raises(ConfigError, match="load_best_model_at_end needs an evaluation at every checkpoint"):
         run_config_from_dict({"load_best_model_at_end": True, "eval_steps": 3, "save_steps": 4})
+
+
+def test_checkpoint_layers_auto_runs(tiny_model_dir, tmp_path):
+    """`--gradient_checkpointing_layers auto` is accepted end to end (on CPU it checkpoints every layer)."""
+    out = tmp_path / "run"
+    assert main(_train(tiny_model_dir, out, "--max_steps", "2", "--gradient_checkpointing_layers", "auto")) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]

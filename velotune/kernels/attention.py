@@ -182,7 +182,8 @@ def softcap_attention_flex(
         k, v = F.pad(k, (0, 0, 0, pk - tk)), F.pad(v, (0, 0, 0, pk - tk))
     gqa = q.shape[1] != k.shape[1]
     options = flex_kernel_options(q.shape[-1], q.device, q.dtype)
-    with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # < 2.6
+    with torch._dynamo.config.patch({limit: FLEX_RECOMPILE_LIMIT}):
         out = _compiled_flex()(
             q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=options
         )

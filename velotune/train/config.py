@@ -67,7 +67,8 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb (metrics.jsonl is always written)
     seed: int = 3407
     gradient_checkpointing: bool | str = True  # true | false | offload (saved layer inputs kept in host memory)
-    gradient_checkpointing_layers: float = 1.0  # fraction of layers checkpointed; the rest skip the recompute
+    gradient_checkpointing_layers: float | str = 1.0  # fraction of layers checkpointed (the rest skip the recompute)
+    # or auto: the fewest that the memory plan fits on this GPU
     save_merged: bool = False  # also write the merged 16-bit model in Hugging Face layout
     compare_samples: int = 24  # held-out rows scored before and after training (0 disables)
     max_new_tokens: int = 32  # generation length for the before/after comparison
@@ -113,10 +114,12 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.gradient_checkpointing not in (True, False, "offload"):
             raise ConfigError(f"gradient_checkpointing: {self.gradient_checkpointing!r}; use true, false or offload")
-        if not 0 < self.gradient_checkpointing_layers <= 1:
+        layers = self.gradient_checkpointing_layers
+        if layers != "auto" and (isinstance(layers, str) or not 0 < layers <= 1):
             raise ConfigError(
-                f"gradient_checkpointing_layers: {self.gradient_checkpointing_layers}; use a fraction in (0, 1] of "
-                "the decoder layers to checkpoint (e.g. 0.5: every other layer), or gradient_checkpointing: false"
+                f"gradient_checkpointing_layers: {layers!r}; use a fraction in (0, 1] of the decoder layers to "
+                "checkpoint (e.g. 0.5: every other layer), auto (the fewest that fit this GPU's memory), or "
+                "gradient_checkpointing: false"
             )
         if self.load_in_4bit and self.load_in_8bit:
             raise ConfigError("load_in_4bit and load_in_8bit are both set; choose one")

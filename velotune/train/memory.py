@@ -34,6 +34,8 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from velotune.errors import ConfigError
 from velotune.kernels.cross_entropy import chunk_tokens
 from velotune.models.checkpointing import checkpointed_layers
@@ -327,6 +329,33 @@ def layers_trained(train_layers: float, num_layers: int) -> int:
     return n
 
 
+def checkpoint_layers_that_fit(cfg: ModelConfig, s: Setting, capacity: int) -> float:
+    """The smallest fraction of checkpointed layers (the least recompute) whose predicted peak fits `capacity`
+    bytes; 1.0 when none does."""
+    for layers in sorted(CHECKPOINT_FRACTIONS):
+        if estimate(cfg, replace(s, checkpoint_layers=layers)).total <= usable_bytes(capacity):
+            return layers
+    return 1.0
+
+
+def resolve_checkpoint_layers(run: RunConfig, model: ModelConfig, device: torch.device) -> tuple[float, str]:
+    """gradient_checkpointing_layers as a fraction, and for `auto` a line saying what the planner chose for this
+    GPU (the whole-model plan: conservative under FSDP; on CPU every layer is checkpointed)."""
+    value = run.train.gradient_checkpointing_layers
+    if value != "auto":
+        return float(value), ""
+    if not run.train.gradient_checkpointing or device.type != "cuda":
+        return 1.0, ""
+    capacity = torch.cuda.get_device_properties(device).total_memory
+    setting = setting_for(run, model)
+    layers = checkpoint_layers_that_fit(model, setting, capacity)
+    total = estimate(model, replace(setting, checkpoint_layers=layers)).total
+    return layers, (
+        f"gradient_checkpointing_layers auto: {layers:g} of the layers recomputed (predicted peak {total / GiB:.1f} "
+        f"of {capacity / GiB:.1f} GiB)"
+    )
+
+
 def setting_for(run: RunConfig, model: ModelConfig) -> Setting:
     """The Setting a run config trains with (16-bit activations unless dtype is float32)."""
     t = run.train
@@ -335,7 +364,7 @@ def setting_for(run: RunConfig, model: ModelConfig) -> Setting:
         micro_batch=t.per_device_train_batch_size,
         seq_len=run.data.max_seq_length,
         checkpointing=None if not gc else "offload" if gc == "offload" else "checkpoint",
-        checkpoint_layers=t.gradient_checkpointing_layers,
+        checkpoint_layers=1.0 if t.gradient_checkpointing_layers == "auto" else t.gradient_checkpointing_layers,
         quantization=t.quantization,
         finetuning=t.finetuning,
         lora_r=run.lora.r,

@@ -7,7 +7,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,15 @@ from velotune.train.distributed import (
 from velotune.train.explain import explain_untrainable
 from velotune.train.faults import Faults
 from velotune.train.loop import Trainer, TrainResult, evaluate_loss
-from velotune.train.memory import GiB, estimate, layers_trained, read_model_config, setting_for, usable_bytes
+from velotune.train.memory import (
+    GiB,
+    estimate,
+    layers_trained,
+    read_model_config,
+    resolve_checkpoint_layers,
+    setting_for,
+    usable_bytes,
+)
 from velotune.train.report import MetricsLog, open_integrations, plot_metrics
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,8 +86,11 @@ def freeze_for_partial(model: CausalLM, train_layers: float) -> int:
     return n
 
 
-def prepare_model(model: CausalLM, cfg: RunConfig, log: Callable[[str], Any]) -> None:
-    """LoRA, partial or full fine-tuning, and activation checkpointing, as the config says."""
+def prepare_model(
+    model: CausalLM, cfg: RunConfig, log: Callable[[str], Any], device: torch.device | None = None
+) -> None:
+    """LoRA, partial or full fine-tuning, and activation checkpointing, as the config says (`device`: the GPU that
+    gradient_checkpointing_layers: auto plans for; default the model's)."""
     if cfg.train.finetuning == "lora":
         get_peft_model(model, cfg.lora)
     elif cfg.train.finetuning == "partial":
@@ -87,7 +98,10 @@ def prepare_model(model: CausalLM, cfg: RunConfig, log: Callable[[str], Any]) ->
         tied = " (lm_head is tied to the embeddings, which train with it)" if model.config.tie_word_embeddings else ""
         log(f"partial fine-tuning: the top {n} of {len(model.model.layers)} layers, final norm and lm_head{tied}")
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
-    model.checkpoint_layers = cfg.train.gradient_checkpointing_layers
+    device = device or next(model.parameters()).device
+    model.checkpoint_layers, why = resolve_checkpoint_layers(cfg, model.config, device)
+    if why:
+        log(why)
 
 
 def check_resume(checkpoint: Path, resolved: dict[str, Any], log: Callable[[str], Any]) -> None:
@@ -147,7 +161,7 @@ def _plan(model: CausalLM, cfg: RunConfig, device: torch.device, log: Callable[[
     """On CUDA: the planner's prediction for this run, printed beside the device's memory."""
     if device.type != "cuda":
         return None
-    est = estimate(model.config, setting_for(cfg, model.config))
+    est = estimate(model.config, replace(setting_for(cfg, model.config), checkpoint_layers=model.checkpoint_layers))
     capacity = torch.cuda.get_device_properties(device).total_memory
     fits = "fits" if est.total <= usable_bytes(capacity) else "may NOT fit (out-of-memory recovery will halve it)"
     log(
@@ -192,7 +206,7 @@ def run(
     train_ds, eval_ds = load_data(cfg, tok)
     log(train_ds.report())
     torch.manual_seed(cfg.train.seed)  # LoRA's initial weights: the same on every process
-    prepare_model(model, cfg, log)
+    prepare_model(model, cfg, log, device)
     parallel = Parallel(model, env, strategy, cfg.train.fsdp_offload_params)
     if parallel.note:
         log(parallel.note)
