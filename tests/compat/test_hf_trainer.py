@@ -120,3 +120,15 @@ def test_trainer_evaluate_gives_velotune_eval_loss(lora_4bit, tmp_path):
     )
     got = trainer.evaluate()["eval_loss"]
     assert got == pytest.approx(evaluate_loss(model.model, rows, pad_id=2), rel=1e-5)
+
+
+def test_num_parameters_of_a_4bit_model_equals_the_checkpoints(loaded_4bit, tiny_model_dir):
+    """transformers' num_parameters() on a 4-bit model counts each weight once at its [out, in] size (the Trainer
+    and TRL print it; it was counted twice, once by the decoder and once more by the wrapper)."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = loaded_4bit[0]
+    assert model.num_parameters() == hf.num_parameters()
+    embeddings = hf.get_input_embeddings().weight.numel()
+    assert model.num_parameters(exclude_embeddings=True) == hf.num_parameters() - embeddings

@@ -274,8 +274,6 @@ class VelotuneForCausalLM(nn.Module):
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameters, counting each quantized weight at its unquantized size (transformers' signature)."""
         total = num_parameters(self.model, trainable_only=only_trainable)
-        if not only_trainable:
-            total += sum(m.in_features * m.out_features for m in self.model.modules() if hasattr(m, "dequantize"))
         if exclude_embeddings:
             emb = self.get_input_embeddings().weight
             if emb.requires_grad or not only_trainable:

@@ -41,6 +41,7 @@ from velotune.lora.apply import merge_lora
 from velotune.lora.peft_format import save_adapter
 from velotune.models.decoder import CausalLM
 from velotune.models.load import load_model
+from velotune.quant.nf4 import FrozenQuantLinear
 
 SAVE_METHODS = ("merged_16bit", "lora")
 GGUF_ALIASES = {"not_quantized": "f16", "fast_quantized": "q8_0", "quantized": "q4_k_m"}
@@ -82,9 +83,9 @@ def _move_into(src: Path, dest: Path) -> None:
 
 
 def _dequantize_linears(model: nn.Module) -> None:
-    """Replace every quantized linear (a module with dequantize()) by an nn.Linear holding its weights."""
+    """Replace every quantized linear (FrozenQuantLinear) by an nn.Linear holding its weights."""
     for name, mod in list(model.named_modules()):
-        if not hasattr(mod, "dequantize") or not hasattr(mod, "in_features"):
+        if not isinstance(mod, FrozenQuantLinear):
             continue
         weight = mod.dequantize()
         lin = nn.Linear(

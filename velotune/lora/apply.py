@@ -9,6 +9,7 @@ from torch import nn
 
 from velotune.errors import ConfigError
 from velotune.lora.layers import LoRALinear
+from velotune.quant.nf4 import FrozenQuantLinear
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -74,7 +75,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by an nn.Linear holding W + B @ A * scaling (in place), in the base dtype."""
     for name, layer in lora_layers(model).items():
         base = layer.base_layer
-        weight = base.dequantize() if hasattr(base, "dequantize") else base.weight
+        weight = base.dequantize() if isinstance(base, FrozenQuantLinear) else base.weight
         merged = nn.Linear(
             layer.in_features, layer.out_features, bias=base.bias is not None, device=weight.device, dtype=weight.dtype
         )

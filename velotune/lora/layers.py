@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from velotune.kernels.lora import LoRAWeights, Weight, lora_linear
+from velotune.quant.nf4 import FrozenQuantLinear
 
 
 class LoRALinear(nn.Module):
@@ -52,7 +53,7 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         if isinstance(base, nn.Linear):
             return base.weight, base.bias
-        if hasattr(base, "dequantize") and getattr(base, "compute_dtype", None) == dtype:
+        if isinstance(base, FrozenQuantLinear) and base.compute_dtype == dtype:
             bias = None if base.bias is None else base.bias.to(dtype)
             return functools.partial(base.dequantize, dtype), bias  # called again in backward
         return None

@@ -21,6 +21,7 @@ from velotune.kernels.rope import apply_rope
 from velotune.models.checkpointing import checkpointed_layers, run_layer
 from velotune.models.config import ModelConfig
 from velotune.models.rope import attention_factor, rope_buffer_name, rope_buffers, rope_tables
+from velotune.quant.nf4 import FrozenQuantLinear
 
 
 class RMSNorm(nn.Module):
@@ -347,7 +348,7 @@ def num_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     seen: set[int] = set()
     total = 0
     for m in module.modules():
-        quantized = hasattr(m, "dequantize") and hasattr(m, "out_features")
+        quantized = isinstance(m, FrozenQuantLinear)
         if quantized and not trainable_only:
             total += m.out_features * m.in_features
         for p in m.parameters(recurse=False):

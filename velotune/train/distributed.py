@@ -33,6 +33,7 @@ from torch import nn
 from velotune.data import collate
 from velotune.errors import ConfigError
 from velotune.models.decoder import count_targets
+from velotune.quant.nf4 import FrozenQuantLinear
 
 STRATEGIES = ("auto", "ddp", "fsdp")  # auto: choose_strategy decides from the memory plan
 T = TypeVar("T")
@@ -296,7 +297,7 @@ def held_bytes(model: nn.Module, quantized_only: bool = False) -> tuple[int, int
     """(bytes of weights this process holds, bytes of the whole weights): FSDP2 shards count their local part.
     quantized_only: only the storage of quantized linears (those with a `dequantize` method)."""
     if quantized_only:
-        tensors = [t for m in model.modules() if hasattr(m, "dequantize") for t in m.parameters(recurse=False)]
+        tensors = [t for m in model.modules() if isinstance(m, FrozenQuantLinear) for t in m.parameters(recurse=False)]
     else:
         tensors = [*model.parameters(), *model.buffers()]
     local = whole = 0
