@@ -295,7 +295,7 @@ def shard_decoder(model: nn.Module, env: DistEnv, offload_params: bool = False) 
 
 def held_bytes(model: nn.Module, quantized_only: bool = False) -> tuple[int, int]:
     """(bytes of weights this process holds, bytes of the whole weights): FSDP2 shards count their local part.
-    quantized_only: only the storage of quantized linears (those with a `dequantize` method)."""
+    quantized_only: only the storage of quantized linears (FrozenQuantLinear)."""
     if quantized_only:
         tensors = [t for m in model.modules() if isinstance(m, FrozenQuantLinear) for t in m.parameters(recurse=False)]
     else:

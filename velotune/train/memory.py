@@ -11,7 +11,8 @@ L layers, V vocabulary, and a = bytes per activation value (2 in bf16):
   adafactor: a row and a column vector per matrix; sgd: none);
 - saved activations, per token and layer, what our decoder keeps for backward: the layer input, two norm outputs,
   q and k after rope, v, the attention output and its o_proj copy, the mid-layer residual, gate, up and the GLU
-  output: 4H + 3 q_dim + 2 kv_dim + 3I values. Without checkpointing all L layers keep them; with recompute only
+  output: 4H + 3 q_dim + 2 kv_dim + 3I values (2I when LoRA on gate, up and down runs as the fused MLP, which
+  rebuilds the GLU output in backward). Without checkpointing all L layers keep them; with recompute only
   each layer's input (T x H) is kept, plus one layer's full set while it is recomputed; with offload the inputs live
   in host memory and only the layer being recomputed is on the GPU;
 - backward working memory of one layer (T x (3I + 2H)); rope tables; with NF4/int8, one linear's weight
