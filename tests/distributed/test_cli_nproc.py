@@ -30,6 +30,31 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def _two_like_one(model: Path, tmp_path: Path, *extra: str, two_only: tuple[str, ...] = ()) -> str:
+    """Train 3 steps on 2 processes (micro-batch 2, plus `two_only`) into tmp_path/two and on 1 process (micro-batch
+    4: the same global batch) into tmp_path/one; assert both succeed with equal losses; the 2-process stdout."""
+    args = ["--max_steps", "3", *extra]
+    two = _train(model, tmp_path / "two", *args, "--per_device_train_batch_size", "2", "--nproc", "2", *two_only)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = _train(model, tmp_path / "one", *args, "--per_device_train_batch_size", "4", "--nproc", "1")
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    got, ref = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert sorted(got) == sorted(ref) == [1, 2, 3]
+    for step, loss in got.items():
+        assert abs(loss - ref[step]) < TOL, (step, loss, ref[step])
+    return two.stdout
+
+
+def _assert_same_tensors(tmp_path: Path, part: str) -> None:
+    """The file `part` of tmp_path/two holds the tensors of tmp_path/one's."""
+    from safetensors.torch import load_file
+
+    got, ref = (load_file(str(tmp_path / run / part)) for run in ("two", "one"))
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5, msg=f"{part}: {name}")
+
+
 def test_config_strategies_are_distributed_ones():
     assert config.STRATEGIES == distributed.STRATEGIES
 
@@ -55,40 +80,17 @@ def test_bad_layouts_are_refused(tmp_path, extra, message):
 
 @pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp", "fsdp_offload"])
 def test_two_processes_log_the_one_process_losses_and_save_its_outputs(tiny_model_dir, tmp_path, strategy):
-    from safetensors.torch import load_file
-
-    steps = ["--max_steps", "3", "--save_merged", "true"]
-    two = _train(
-        tiny_model_dir,
-        tmp_path / "two",
-        *steps,
-        "--per_device_train_batch_size",
-        "2",
-        "--nproc",
-        "2",
-        "--strategy",
-        strategy.removesuffix("_offload"),
-        *(["--fsdp_offload_params", "true"] if strategy == "fsdp_offload" else []),
-        "--gradient_checkpointing",
-        "true",  # the recomputation's inner backward under DDP hooks / FSDP sharding
-    )
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    offload = ["--fsdp_offload_params", "true"] if strategy == "fsdp_offload" else []
+    # checkpointing: the recomputation's inner backward under DDP hooks / FSDP sharding
+    two_only = ("--strategy", strategy.removesuffix("_offload"), *offload, "--gradient_checkpointing", "true")
+    out = _two_like_one(tiny_model_dir, tmp_path, "--save_merged", "true", two_only=two_only)
     if strategy == "fsdp_offload":
-        assert "in host memory (fsdp_offload_params)" in two.stdout
-    one = _train(tiny_model_dir, tmp_path / "one", *steps, "--per_device_train_batch_size", "4", "--nproc", "1")
-    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    got, ref = _losses(tmp_path / "two"), _losses(tmp_path / "one")
-    assert sorted(got) == sorted(ref) == [1, 2, 3]
-    for step, loss in got.items():
-        assert abs(loss - ref[step]) < TOL, (step, loss, ref[step])
-    assert two.stdout.count("trained 3 steps") == 1  # rank 0 alone reports
+        assert "in host memory (fsdp_offload_params)" in out
+    assert out.count("trained 3 steps") == 1  # rank 0 alone reports
     assert (tmp_path / "two" / "summary.json").exists()
     # rank 0 writes whole tensors (gathered from the shards under FSDP): the adapter and merged model of one process
     for part in ("adapter/adapter_model.safetensors", "merged/model.safetensors"):
-        got, ref = (load_file(str(tmp_path / run / part)) for run in ("two", "one"))
-        assert got.keys() == ref.keys()
-        for name in ref:
-            torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5, msg=f"{part}: {name}")
+        _assert_same_tensors(tmp_path, part)
 
 
 def test_fsdp_shards_4bit_weights_and_trains_like_one_process(tiny_model_dir, tmp_path):
@@ -96,35 +98,12 @@ def test_fsdp_shards_4bit_weights_and_trains_like_one_process(tiny_model_dir, tm
     issue's bar is 60%), the losses and adapter are the 1-process run's, and save_merged says how to merge."""
     import re
 
-    from safetensors.torch import load_file
-
-    quant = ["--max_steps", "3", "--load_in_4bit", "true", "--dtype", "float32", "--save_merged", "true"]
-    two = _train(
-        tiny_model_dir,
-        tmp_path / "two",
-        *quant,
-        "--per_device_train_batch_size",
-        "2",
-        "--nproc",
-        "2",
-        "--strategy",
-        "fsdp",
-    )
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    one = _train(tiny_model_dir, tmp_path / "one", *quant, "--per_device_train_batch_size", "4", "--nproc", "1")
-    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    share = re.search(r"FSDP2 over 2 processes: each holds .* \((\d+)%\), .* quantized ones \((\d+)%\)", two.stdout)
-    assert share and int(share.group(1)) <= 60 and int(share.group(2)) <= 55, two.stdout[-2000:]
-    got, ref = _losses(tmp_path / "two"), _losses(tmp_path / "one")
-    assert sorted(got) == sorted(ref) == [1, 2, 3]
-    for step, loss in got.items():
-        assert abs(loss - ref[step]) < TOL, (step, loss, ref[step])
-    adapter = "adapter/adapter_model.safetensors"
-    got_w, ref_w = (load_file(str(tmp_path / run / adapter)) for run in ("two", "one"))
-    assert got_w.keys() == ref_w.keys()
-    for name in ref_w:
-        torch.testing.assert_close(got_w[name], ref_w[name], rtol=1e-4, atol=1e-5)
-    assert "velotune export" in two.stdout and not (tmp_path / "two" / "merged").exists()
+    quant = ["--load_in_4bit", "true", "--dtype", "float32", "--save_merged", "true"]
+    out = _two_like_one(tiny_model_dir, tmp_path, *quant, two_only=("--strategy", "fsdp"))
+    share = re.search(r"FSDP2 over 2 processes: each holds .* \((\d+)%\), .* quantized ones \((\d+)%\)", out)
+    assert share and int(share.group(1)) <= 60 and int(share.group(2)) <= 55, out[-2000:]
+    _assert_same_tensors(tmp_path, "adapter/adapter_model.safetensors")
+    assert "velotune export" in out and not (tmp_path / "two" / "merged").exists()
 
 
 def test_a_failing_rank_stops_the_run_with_its_name_and_the_resume_command(tiny_model_dir, tmp_path):
