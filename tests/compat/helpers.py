@@ -4,6 +4,39 @@ from __future__ import annotations
 
 import torch
 
+from velotune.train.config import TrainConfig
+
+# Hyperparameters that make transformers.Trainer and TRL's SFTTrainer step like velotune's loop in the tests that
+# compare them: one optimizer step of 2 x 4 rows, cosine schedule without warm-up or decay, a loss logged per step.
+TRAINER_ARGS = dict(
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=4,
+    max_steps=3,
+    learning_rate=1e-2,
+    lr_scheduler_type="cosine",
+    warmup_steps=0,
+    weight_decay=0.0,
+    optim="adamw_torch",
+    logging_steps=1,
+    save_strategy="no",
+    disable_tqdm=True,
+    seed=3407,
+)
+
+
+def velotune_config(**overrides) -> TrainConfig:
+    """velotune's TrainConfig with TRAINER_ARGS' batch, steps and schedule (velotune has no warm-up or decay by
+    default)."""
+    shared = (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "max_steps",
+        "learning_rate",
+        "lr_scheduler_type",
+        "optim",
+    )
+    return TrainConfig(**{k: TRAINER_ARGS[k] for k in shared}, **overrides)
+
 
 def uneven_rows(n: int = 8, vocab: int = 1000, seed: int = 0) -> list[dict]:
     """Rows of very different lengths and prompt (masked) parts: input_ids and labels, -100 on the prompt."""

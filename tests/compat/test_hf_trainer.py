@@ -8,9 +8,8 @@ import copy
 import pytest
 import torch
 
-from tests.compat.helpers import pad_collate, uneven_rows
+from tests.compat.helpers import TRAINER_ARGS, pad_collate, uneven_rows, velotune_config
 from velotune.lora.apply import lora_layers
-from velotune.train.config import TrainConfig
 from velotune.train.loop import Trainer as VelotuneTrainer
 from velotune.train.loop import evaluate_loss
 
@@ -18,23 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def _args(tmp_path, **overrides):
-    kw = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=4,
-        max_steps=3,
-        learning_rate=1e-2,
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        weight_decay=0.0,
-        optim="adamw_torch",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=3407,
-    )
+    kw = dict(TRAINER_ARGS, output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True)
     kw.update(overrides)
     return transformers.TrainingArguments(**kw)
 
@@ -50,15 +33,7 @@ def test_trainer_losses_equal_velotune_loop_on_the_same_batches(lora_4bit, tmp_p
     step loss (token sum over all micro-batches / their target tokens) does not depend on their order."""
     rows = uneven_rows(8)
     ours = copy.deepcopy(lora_4bit[0])
-    cfg = TrainConfig(
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=4,
-        max_steps=3,
-        learning_rate=1e-2,
-        lr_scheduler_type="cosine",
-        optim="adamw_torch",
-        max_grad_norm=1.0,
-    )
+    cfg = velotune_config(max_grad_norm=1.0)
     expected = VelotuneTrainer(ours.model, rows, cfg, pad_id=2, progress=False).train().losses
     got, _ = _hf_losses(copy.deepcopy(lora_4bit[0]), rows, _args(tmp_path))
     assert len(got) == 3

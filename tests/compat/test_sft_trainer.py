@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
+from tests.compat.helpers import TRAINER_ARGS, velotune_config
 from velotune.compat import get_chat_template, train_on_responses_only
-from velotune.train.config import TrainConfig
 from velotune.train.loop import Trainer as VelotuneTrainer
 
 trl = pytest.importorskip("trl")
@@ -24,24 +24,13 @@ def _texts(eos: str) -> list[dict]:
 
 def _config(tmp_path, **overrides):
     kw = dict(
+        TRAINER_ARGS,
         output_dir=str(tmp_path / "sft"),
         dataset_text_field="text",
         max_length=128,
         packing=False,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=4,
-        max_steps=3,
-        learning_rate=1e-2,
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        weight_decay=0.0,
-        optim="adamw_torch",
-        logging_steps=1,
-        save_strategy="no",
         report_to="none",
         bf16=False,  # SFTConfig's default bf16 autocast would make TRL's LM-head pass round to bf16 on CPU
-        disable_tqdm=True,
-        seed=3407,
     )
     kw.update(overrides)
     return trl.SFTConfig(**kw)
@@ -60,14 +49,7 @@ def test_sft_trainer_losses_equal_velotune_loop(lora_4bit, tmp_path):
     assert len(rows) == 8  # one optimizer step holds every row, so both loops see the same rows every step
     trainer.train()
     got = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    cfg = TrainConfig(
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=4,
-        max_steps=3,
-        learning_rate=1e-2,
-        lr_scheduler_type="cosine",
-        optim="adamw_torch",
-    )
+    cfg = velotune_config()
     expected = VelotuneTrainer(ours.model, rows, cfg, pad_id=tok.pad_token_id, progress=False).train().losses
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-4)
 
