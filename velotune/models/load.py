@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,33 +148,77 @@ def load_weights(
         model.tie_weights()
 
 
+def _read_json(file: Path, expected: str) -> Any:
+    """`file` parsed, or a ModelLoadError naming it (unreadable, not UTF-8, not JSON)."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelLoadError(f"{file}: cannot be read ({exc.strerror or exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(
+            f"{file}: not valid JSON ({exc}); expected {expected}: download or save the model again"
+        ) from exc
+
+
 def _safetensors_files(path: Path) -> list[Path]:
+    """The weight files of a HF directory: the shards its index names (each must exist), else every *.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / s for s in shards]
+        data = _read_json(index, "a safetensors index")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if (
+            not isinstance(weight_map, dict)
+            or not weight_map
+            or not all(isinstance(v, str) for v in weight_map.values())
+        ):
+            raise ModelLoadError(
+                f"{index}: no weight_map of tensor name -> shard file; download or save the model again, "
+                "or delete the index if the weights are a single model.safetensors"
+            )
+        shards = [path / s for s in sorted(set(weight_map.values()))]
+        absent = [str(s.relative_to(path)) for s in shards if not s.is_file()]
+        if absent:
+            raise ModelLoadError(
+                f"{index} names {len(absent)} shard file(s) missing from {path}: {', '.join(absent[:8])}"
+                f"{' ...' if len(absent) > 8 else ''}; download them (an interrupted download?) or save the model again"
+            )
+        return shards
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path}: no *.safetensors weights found (config.json is there); .bin is not supported")
     return files
 
 
-def safetensors_keys(files: list[Path]) -> list[str]:
-    from safetensors import safe_open
+@contextmanager
+def _open_safetensors(file: Path) -> Iterator[Any]:
+    """safe_open, whose header check (size, JSON, every byte covered) fails as a ModelLoadError naming the file."""
+    from safetensors import SafetensorError, safe_open
 
+    try:
+        handle = safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        size = f"{file.stat().st_size} bytes" if file.is_file() else "not a file"
+        raise ModelLoadError(
+            f"{file}: not a readable safetensors file ({exc}; {size}); it is corrupt or truncated "
+            "(an interrupted download or save?): download or save the model again"
+        ) from exc
+    with handle:
+        yield handle
+
+
+def safetensors_keys(files: list[Path]) -> list[str]:
+    """The tensor names of every file, read from the headers only: a corrupt file fails here, before any weight."""
     keys: list[str] = []
     for f in files:
-        with safe_open(str(f), framework="pt") as handle:
+        with _open_safetensors(f) as handle:
             keys.extend(handle.keys())
     return keys
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors one at a time, shard by shard, so peak memory stays near one tensor."""
-    from safetensors import safe_open
-
     for f in files:
-        with safe_open(str(f), framework="pt") as handle:
+        with _open_safetensors(f) as handle:
             for key in handle.keys():
                 yield key, handle.get_tensor(key)
 
@@ -182,10 +227,10 @@ def read_hf_config(path: Path) -> dict[str, Any]:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise ModelLoadError(f"{path}: no config.json; expected a Hugging Face model directory or a .gguf file")
-    try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{cfg_file}: not valid JSON ({exc})") from exc
+    cfg = _read_json(cfg_file, "a Hugging Face model config")
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{cfg_file}: a JSON {type(cfg).__name__}, expected an object of config fields")
+    return cfg
 
 
 def load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
@@ -196,7 +241,8 @@ def load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: could not load its tokenizer ({exc})") from exc
+        reason = " ".join(str(exc).split())  # transformers' messages span lines; the CLI prints one
+        raise ModelLoadError(f"{path}: could not load its tokenizer ({reason})") from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -265,10 +311,10 @@ def load_hf_dir(
             hf["model_type"],
         )
     cfg = family_for(hf["model_type"]).from_hf(hf)
-    model = build_empty(cfg)
     files = _safetensors_files(path)
+    keys = safetensors_keys(files)  # every header readable before any weight is read
+    model = build_empty(cfg)
     if hasattr(hook, "prepare"):
-        keys = safetensors_keys(files)
         hook.prepare([k for k in map(_text_model_name, keys) if k] if image_text else keys, hf)
     elif hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?")
