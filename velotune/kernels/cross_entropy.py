@@ -1,9 +1,15 @@
 """Chunked linear + cross-entropy: the loss of hidden states against a vocabulary projection without ever holding
-the full [tokens x vocab] logits.
+the full [tokens x vocab] logits, and the per-token log-probabilities of the targets (DPO, ORPO, GRPO) the same way.
 
 Tokens are processed in chunks; each chunk's logits live only inside the forward, where the gradient with respect
 to the hidden states (and the head weight, if it trains) is computed right away and kept for backward. Optional
 final-logit soft-capping (Gemma 2) is applied inside.
+
+The loss is -sum of the log-probabilities, so both share one chunk pass (`_chunk_passes`). Their gradients differ
+in what backward receives: the loss gets one scalar, so forward can finish both gradients; the log-probabilities
+get one weight per token. d logp_i / d hidden_i depends on row i only, so forward keeps those rows ([N, H] in the
+hidden dtype) and backward scales them; the head weight's gradient sums over all rows with their weights, so when
+it trains backward runs the chunks again.
 
 Per chunk, the PyTorch path (the reference, and the CPU path) upcasts the logits and builds softmax and gradient
 in fp32: two or more [chunk, vocab] fp32 tensors beside the 16-bit logits (2 GiB each for 4096 x 128256, more with
@@ -32,10 +38,24 @@ def linear_cross_entropy_reference(
     return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def linear_token_logps_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None = None
+) -> torch.Tensor:
+    """log_softmax(hidden @ weight.T)[i, targets[i]], fp32 [N]; 0 where targets[i] is IGNORE_INDEX. Materialises
+    logits."""
+    logits = (hidden @ weight.t()).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    valid = targets != IGNORE_INDEX
+    logps = torch.log_softmax(logits, dim=-1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # [N]
+    return logps.masked_fill(~valid, 0.0)
+
+
 def chunk_loss_and_grad_reference(
     logits: torch.Tensor, targets: torch.Tensor, softcap: float | None, need_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(loss sum fp32, d loss / d logits in logits' dtype or None) for one chunk: logits [C, V], targets [C]."""
+    """(token losses [C] fp32, 0 where ignored; d loss sum / d logits or None) for one chunk: logits [C, V],
+    targets [C]."""
     logits = logits.float()
     if softcap is not None:
         capped = torch.tanh(logits / softcap)
@@ -44,16 +64,16 @@ def chunk_loss_and_grad_reference(
     safe_t = targets.clamp(min=0)
     lse = torch.logsumexp(logits, dim=-1)  # [C]
     picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-    loss = ((lse - picked) * valid).sum()
+    losses = (lse - picked) * valid
     if not need_grad:
-        return loss, None
+        return losses, None
     # d loss / d logits = softmax - onehot, zero for ignored tokens
     grad = torch.softmax(logits, dim=-1)
     grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
     grad *= valid[:, None]
     if softcap is not None:
         grad *= 1 - capped * capped
-    return loss, grad
+    return losses, grad
 
 
 if triton is not None:
@@ -135,7 +155,7 @@ def chunk_loss_and_grad_triton(
             BLOCK_V=min(4096, triton.next_power_of_2(n_cols)),
             num_warps=8,
         )
-    return losses.sum(), (logits if need_grad else None)
+    return losses, (logits if need_grad else None)
 
 
 _CHUNK_STEPS = {False: chunk_loss_and_grad_reference, True: chunk_loss_and_grad_triton}
@@ -152,30 +172,34 @@ def chunk_tokens(vocab_size: int, element_size: int) -> int:
     return max(256, min(4096, fit))
 
 
+def _chunk_passes(hidden, weight, targets, softcap, chunk_size, fused, need_grad):
+    """Per chunk of rows: (rows slice, hidden rows [C, H], token losses [C] fp32, d loss / d logits [C, V] in the
+    hidden dtype or None). The gradient lives in one logits buffer shared by all chunks (the Triton step writes it
+    over the logits), so it is valid only until the next chunk."""
+    n = hidden.shape[0]
+    step = _CHUNK_STEPS[fused]
+    buf = torch.empty(min(chunk_size, n), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+    for start in range(0, n, chunk_size):
+        h = hidden[start : start + chunk_size]  # [C, H]
+        logits = torch.mm(h, weight.t(), out=buf[: h.shape[0]])  # [C, V]
+        losses, grad = step(logits, targets[start : start + chunk_size], softcap, need_grad)
+        yield slice(start, start + h.shape[0]), h, losses, (grad.to(hidden.dtype) if need_grad else None)
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Chunked loss whose gradients are computed in forward; backward only scales them by the incoming gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, chunk_size, fused):
-        n = hidden.shape[0]
         need_h, need_w = hidden.requires_grad, weight.requires_grad
-        need_grad = need_h or need_w
-        step = _CHUNK_STEPS[fused]
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # one logits buffer for every chunk: the Triton step writes its gradient over it
-        buf = torch.empty(min(chunk_size, n), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
-        for start in range(0, n, chunk_size):
-            h = hidden[start : start + chunk_size]  # [C, H]
-            logits = torch.mm(h, weight.t(), out=buf[: h.shape[0]])  # [C, V]
-            loss, grad = step(logits, targets[start : start + chunk_size], softcap, need_grad)
-            total += loss
-            if not need_grad:
-                continue
-            grad = grad.to(hidden.dtype)
+        passes = _chunk_passes(hidden, weight, targets, softcap, chunk_size, fused, need_h or need_w)
+        for rows, h, losses, grad in passes:
+            total += losses.sum()
             if need_h:
-                torch.mm(grad, weight, out=grad_hidden[start : start + chunk_size])
+                torch.mm(grad, weight, out=grad_hidden[rows])
             if need_w:
                 grad_weight += (grad.t() @ h).float()
         ctx.weight_dtype = weight.dtype
@@ -187,6 +211,38 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_out.to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = (grad_weight * grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
+        return gh, gw, None, None, None, None
+
+
+class LinearTokenLogpsFunction(torch.autograd.Function):
+    """Chunked per-token log-probabilities. Forward keeps d(-logp_i) / d hidden_i, row by row ([N, H], hidden
+    dtype); backward scales each row by its incoming gradient. The head weight's gradient, sum_i g_i * d logp_i / dW,
+    needs every g_i first, so backward computes it in a second pass over the chunks."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, chunk_size, fused):
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [N]
+        grad_rows = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+        for rows, _, losses, grad in _chunk_passes(hidden, weight, targets, softcap, chunk_size, fused, need_h):
+            torch.neg(losses, out=logps[rows])
+            if need_h:
+                torch.mm(grad, weight, out=grad_rows[rows])  # d token loss / d hidden = -d logp / d hidden
+        ctx.args = (softcap, chunk_size, fused)
+        ctx.save_for_backward(grad_rows, hidden if need_w else None, weight if need_w else None, targets)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_rows, hidden, weight, targets = ctx.saved_tensors
+        neg_g = -grad_out  # [N] fp32: the saved rows and the recomputed gradients are of the token loss, -logp
+        gh = grad_rows * neg_g.to(grad_rows.dtype)[:, None] if grad_rows is not None else None
+        gw = None
+        if weight is not None:
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for rows, h, _, grad in _chunk_passes(hidden, weight, targets, *ctx.args, need_grad=True):
+                gw += (grad.t() @ (h * neg_g[rows].to(h.dtype)[:, None])).float()  # [V, H]
+            gw = gw.to(weight.dtype)
         return gh, gw, None, None, None, None
 
 
@@ -214,3 +270,24 @@ def linear_cross_entropy(
             )
         return total
     return LinearCrossEntropyFunction.apply(hidden, weight, targets, softcap, chunk_size, fused)
+
+
+def linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """log_softmax(hidden @ weight.T)[i, targets[i]] as fp32 [N], 0 where targets[i] is IGNORE_INDEX; hidden [N, H],
+    weight [V, H]. Differentiable w.r.t. hidden and weight without materialising the logits.
+
+    With hidden requiring grad, forward keeps an [N, H] tensor in hidden's dtype (the per-token gradient rows);
+    with weight requiring grad, backward runs the chunked logits matmul again. Triton on CUDA, PyTorch elsewhere;
+    chunk_size defaults to chunk_tokens(V, element size). -linear_token_logps(...).sum() is linear_cross_entropy.
+    """
+    chunk_size = chunk_size or chunk_tokens(weight.shape[0], hidden.element_size())
+    fused = use_triton(hidden, weight, targets)
+    if not fused:
+        reference_notice("chunked token log-probabilities", no_triton_reason(), hidden)
+    return LinearTokenLogpsFunction.apply(hidden, weight, targets, softcap, chunk_size, fused)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from velotune.kernels.attention import attention
-from velotune.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from velotune.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy, linear_token_logps
 from velotune.kernels.glu import GATED_ACTIVATIONS
 from velotune.kernels.lora import lora_mlp, project_for_backward
 from velotune.kernels.rms_norm import rms_norm
@@ -177,6 +177,10 @@ class CausalLMOutput:
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     num_targets: torch.Tensor | None = None  # target tokens in this batch (after the shift)
+    # with return_logps: log p(target) fp32 [B, T-1] (0 where there is no target), its row sums [B] and counts [B]
+    token_logps: torch.Tensor | None = None
+    logps: torch.Tensor | None = None
+    num_targets_per_row: torch.Tensor | None = None
 
     def __getitem__(self, key: str | int) -> torch.Tensor | None:
         if isinstance(key, str):
@@ -310,20 +314,34 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         return_logits: bool | None = None,
         logits_to_keep: int = 0,
+        return_logps: bool = False,
     ) -> CausalLMOutput:
         """Loss (sum over target tokens / num_items_in_batch, or their mean) and/or logits.
 
         labels [B, T] are aligned with input_ids (shifted here); -100 marks tokens without loss. A target whose
         position id is 0 starts a new packed example and is never predicted from the previous one.
+        return_logps (with labels) also gives the targets' log-probabilities, differentiable and still without
+        full logits (token_logps, logps, num_targets_per_row); the loss is then computed from them.
         """
+        if return_logps and labels is None:
+            raise ValueError("return_logps=True needs labels: the log-probabilities are those of the label tokens")
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
         out = CausalLMOutput()
         if labels is not None:
             targets = shifted_targets(labels, position_ids)
             keep = targets.reshape(-1) != IGNORE_INDEX
             h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]  # [N, H] only tokens with a target
+            kept_targets = targets.reshape(-1)[keep]  # [N]
             cap = self.config.final_logit_softcap
-            total = linear_cross_entropy(h, self.lm_head.weight, targets.reshape(-1)[keep], cap)
+            if return_logps:
+                logps = linear_token_logps(h, self.lm_head.weight, kept_targets, cap)  # [N]
+                keep_rows = keep.view(targets.shape)  # [B, T-1]
+                out.token_logps = logps.new_zeros(targets.shape).masked_scatter(keep_rows, logps)
+                out.logps = out.token_logps.sum(-1)  # [B]
+                out.num_targets_per_row = keep_rows.sum(-1)
+                total = -logps.sum()
+            else:
+                total = linear_cross_entropy(h, self.lm_head.weight, kept_targets, cap)
             count = keep.sum()
             denom = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
             out.loss = total / denom
