@@ -23,7 +23,7 @@ def _greedy(model, tok, prompt, n=12):
 def smollm2_f16(tmp_path_factory, smollm2):
     out = tmp_path_factory.mktemp("export")
     assert main(["export", "--quant", "f16", "--output_dir", str(out)]) == 0
-    return out / "SmolLM2-135M-Instruct.Q4_1-f16.gguf"
+    return out / "SmolLM2-135M-Instruct-f16.gguf"  # the source's own type (Q4_1) is not in the name
 
 
 def test_export_writes_gguf_and_modelfile(smollm2_f16):

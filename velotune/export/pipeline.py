@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,17 @@ from velotune.lora.apply import merge_lora
 from velotune.models.decoder import CausalLM
 from velotune.models.generate import END_OF_TURN_TOKENS
 
+# A GGUF type at the end of a file stem (Model.Q4_1, model-q4_k_m, Model.BF16, model-IQ3_XXS)
+_QUANT_SUFFIX = re.compile(r"[.-](?:f16|f32|bf16|i?q\d(?:_[a-z0-9]+)*)$", re.IGNORECASE)
+
+
+def gguf_stem(source: str | Path | None) -> str:
+    """The name exported GGUF files start with: the model's file or directory name, without `.gguf` and without the
+    quant type a GGUF source carries (SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct), so the files of
+    each export name one type."""
+    name = Path(source or "model").name.removesuffix(".gguf")
+    return _QUANT_SUFFIX.sub("", name) or "model"
+
 
 def merged_copy(model: CausalLM) -> CausalLM:
     """The model with LoRA merged into its weights; the original keeps its adapter."""
@@ -28,7 +40,7 @@ def export_gguf_files(
     """GGUF files (one per quant type) and an Ollama Modelfile for the first, in `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = Path(getattr(model, "source", "model") or "model").name.removesuffix(".gguf")
+    stem = gguf_stem(getattr(model, "source", None))
     with tempfile.TemporaryDirectory(dir=out, prefix=".hf-") as tmp:
         save_hf(merged_copy(model), tokenizer, Path(tmp) / "hf", dtype=torch.bfloat16)
         paths = [export_gguf(Path(tmp) / "hf", out / f"{stem}-{q}.gguf", q, progress=progress) for q in quants]
