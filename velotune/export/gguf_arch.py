@@ -23,6 +23,7 @@ import numpy as np
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGUFWriter, RopeScalingType
 
 from velotune.errors import ExportError
+from velotune.models.families import family_for
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class ArchSpec:
     llama3_rope_freqs: bool = False  # rope_type "llama3" becomes a rope_freqs.weight tensor of per-dim factors
     norm_offset: float = 0.0  # added to every norm weight: Gemma's x * (1 + w) is llama.cpp's x * w
     rope_types: tuple[str, ...] = ()  # rope types beyond default/linear/yarn that `extra_keys` writes (longrope)
+    sliding_window: bool = False  # llama.cpp's graph for `arch` applies the config's sliding window (Gemma 2/3)
     # family keys beyond the common ones (soft-caps, sliding window, ...): (writer, hparams) -> None
     extra_keys: Callable[[GGUFWriter, HParams], None] | None = field(default=None, compare=False)
 
@@ -153,6 +155,27 @@ def add_hparams(writer: GGUFWriter, spec: ArchSpec, hp: HParams) -> None:
         )
     if spec.extra_keys is not None:
         spec.extra_keys(writer, hp)
+    if not spec.sliding_window:
+        _warn_window_dropped(spec, hp)
+
+
+def _warn_window_dropped(spec: ArchSpec, hp: HParams) -> None:
+    """Warn when the model slides a window shorter than its context but llama.cpp's graph for `spec.arch` does not.
+
+    llama.cpp reads no sliding window for `llama` (Mistral's architecture in GGUF, as llama.cpp's own converter
+    writes it; its `mistral3` graph has none either), `qwen2` or `qwen3`, and for `phi3` it reads one and switches
+    it off. Those files attend to every earlier token, which is the same attention up to `window` tokens.
+    """
+    cfg = family_for(hp.cfg["model_type"]).from_hf(hp.cfg)  # the window as velotune and transformers apply it
+    w = cfg.sliding_window
+    if w is None or w >= hp.n_ctx or not any(cfg.is_sliding(i) for i in range(cfg.num_layers)):
+        return
+    log.warning(
+        f"{hp.cfg['model_type']}: sliding_window {w} is shorter than the context ({hp.n_ctx} tokens), but llama.cpp "
+        f"runs {spec.name} GGUF files without a sliding window: the exported file gives this model's logits only "
+        f"while prompt + output fit in {w} tokens, and other logits beyond. Run it with a context of at most {w} "
+        f"(llama.cpp -c {w}, Ollama PARAMETER num_ctx {w}), or use the Hugging Face export for longer inputs."
+    )
 
 
 def _gemma_attention_keys(writer: GGUFWriter, hp: HParams, big_layers: int, pattern: int) -> None:
@@ -238,11 +261,16 @@ def _phi3_keys(writer: GGUFWriter, hp: HParams) -> None:
 
 FAMILIES: dict[str, ArchSpec] = {
     "llama": ArchSpec(MODEL_ARCH.LLAMA, permute_qk=True, llama3_rope_freqs=True),
-    "mistral": ArchSpec(MODEL_ARCH.LLAMA, permute_qk=True),  # llama.cpp runs Mistral 7B-style models as llama
+    # llama.cpp runs Mistral 7B-style models as llama, without their sliding window (see `_warn_window_dropped`)
+    "mistral": ArchSpec(MODEL_ARCH.LLAMA, permute_qk=True),
     "qwen2": ArchSpec(MODEL_ARCH.QWEN2),
     "qwen3": ArchSpec(MODEL_ARCH.QWEN3, head_dim_keys=True),
-    "gemma2": ArchSpec(MODEL_ARCH.GEMMA2, head_dim_keys=True, norm_offset=1.0, extra_keys=_gemma2_keys),
-    "gemma3_text": ArchSpec(MODEL_ARCH.GEMMA3, head_dim_keys=True, norm_offset=1.0, extra_keys=_gemma3_keys),
+    "gemma2": ArchSpec(
+        MODEL_ARCH.GEMMA2, head_dim_keys=True, norm_offset=1.0, sliding_window=True, extra_keys=_gemma2_keys
+    ),
+    "gemma3_text": ArchSpec(
+        MODEL_ARCH.GEMMA3, head_dim_keys=True, norm_offset=1.0, sliding_window=True, extra_keys=_gemma3_keys
+    ),
     "phi3": ArchSpec(MODEL_ARCH.PHI3, rope_types=_LONGROPE, extra_keys=_phi3_keys),
 }
 
