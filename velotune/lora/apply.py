@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +70,21 @@ def get_peft_model(model: nn.Module, config: LoRAConfig | None = None, **kwargs:
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, every LoRA layer of `model` computes its frozen base alone: the model before fine-tuning,
+    from the same weights (no second copy). DPO's reference log-probs and before/after answers use it."""
+    layers = list(lora_layers(model).values())
+    previous = [layer.active for layer in layers]
+    for layer in layers:
+        layer.active = False
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous, strict=True):
+            layer.active = was
 
 
 @torch.no_grad()

@@ -33,11 +33,14 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init; B = 0 so the start is exact
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.active = True  # False: the layer is its base alone (lora.apply.disable_adapters, a DPO reference)
 
     def forward(self, x: torch.Tensor, need_output: bool = True) -> torch.Tensor:
         """[..., in] -> [..., out] through kernels.lora.lora_linear, which saves no [..., out] tensor and never a
         dequantized base weight. Bases that are neither nn.Linear nor a quantized linear computing in x's dtype
         take the plain composition. need_output=False: see forward_for_backward."""
+        if not self.active:
+            return self.base_layer(x)
         x_lora = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
         frozen = self._frozen_base(x.dtype)
         if frozen is not None:
@@ -61,7 +64,7 @@ class LoRALinear(nn.Module):
     def lora_weights(self, dtype: torch.dtype) -> LoRAWeights | None:
         """This projection for the fused LoRA MLP at activation dtype `dtype`, or None where it cannot take part
         (LoRA dropout, a base that is neither nn.Linear nor a quantized linear computing in `dtype`)."""
-        if not isinstance(self.dropout, nn.Identity):
+        if not isinstance(self.dropout, nn.Identity) or not self.active:
             return None
         frozen = self._frozen_base(dtype)
         return None if frozen is None else LoRAWeights(*frozen, self.lora_A, self.lora_B, self.scaling)
