@@ -35,6 +35,15 @@ def test_oscillating_loss_suggests_lower_lr_or_more_accumulation():
     assert "gradient_accumulation_steps from 2 to 4" in kinds[0].message
 
 
+def test_a_converged_loss_wobbling_near_zero_is_no_oscillation():
+    # the demo's curve (30 steps, learning_rate 1e-3, warmup 5): from ~1.2 down to a few hundredths, where each
+    # step's loss moves by a third of its level up and down; harmless, so no advice to lower the learning rate
+    m = _monitor(warmup=5, learning_rate=1e-3)
+    losses = [1.2 * 0.8**s * (1.35 if s % 2 else 0.7) + 0.02 * (1.3 if s % 2 else 0.7) for s in range(40)]
+    notices = [n for s, loss in enumerate(losses, 1) for n in m.observe(s, loss, 0.8)]
+    assert notices == []
+
+
 def test_flat_loss_suggests_a_higher_learning_rate():
     m = _monitor(warmup=5)
     notices = [n for s in range(1, 5 + 2 * WINDOW + 1) for n in m.observe(s, 2.0 + 0.001 * (s % 3), 0.5)]

@@ -2,7 +2,8 @@
 
 Checks, each reported at most once per COOLDOWN steps:
 - gradient norm above GRAD_NORM_LIMIT (before clipping): updates too large -> lower learning_rate;
-- loss oscillation: the loss goes up and down on most steps by a large fraction of its level -> lower learning_rate
+- loss oscillation: the loss goes up and down on most steps by a large fraction of its level (the higher of now and
+  the start, so the harmless wobble of a converged loss near zero is no alarm) -> lower learning_rate
   or average over more examples (gradient_accumulation_steps);
 - loss not falling: the last WINDOW steps average no lower than the first WINDOW after warmup -> raise learning_rate;
 - eval loss rising: an evaluation above the best so far -> over-fitting; with early_stopping_patience the run stops
@@ -90,7 +91,10 @@ class TrainingMonitor:
         losses = self.state.recent
         diffs = [b - a for a, b in zip(losses, losses[1:], strict=False)]
         flips = sum(1 for a, b in zip(diffs, diffs[1:], strict=False) if a * b < 0) / max(1, len(diffs) - 1)
-        swing = statistics.fmean(abs(d) for d in diffs) / max(statistics.fmean(losses), 1e-8)
+        # relative to the loss level where training started (after warmup), not today's: a converged loss of 0.05
+        # that wobbles by 0.01 is 20% of its level but harmless, while a swing of 0.5 around 1.5 is not
+        level = max(statistics.fmean(losses), self.state.first[0] if self.state.first else 0.0)
+        swing = statistics.fmean(abs(d) for d in diffs) / max(level, 1e-8)
         if flips < OSCILLATION_FLIPS or swing < OSCILLATION_SWING or not self._due("oscillation", step):
             return []
         return [
