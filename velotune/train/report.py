@@ -1,5 +1,5 @@
 """Where metrics go: metrics.jsonl always, TensorBoard and Weights & Biases when asked for and installed, and a PNG
-of the curves at the end (when matplotlib is installed).
+of the curves at the end.
 
 Rows of metrics.jsonl: training steps {"step", "loss", "lr", "grad_norm", "tokens", "elapsed_s"}, evaluations
 {"step", "eval_loss", "eval_ppl"}, skipped steps {"step", "skipped", "rows"}, monitor notices
@@ -105,32 +105,81 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_metrics(metrics: Path, out: Path) -> str:
-    """Draw loss (and eval loss), learning rate and gradient norm per step into `out`; returns a note for the user."""
-    if importlib.util.find_spec("matplotlib") is None:
-        return "no training curves PNG: matplotlib is not installed (pip install matplotlib)"
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+# (panel title, key, rows it reads, whether long runs get a running mean): "train" rows are training steps, "eval"
+# rows evaluations; the learning rate is a schedule, not a noisy measurement, so it is drawn as it is
+PANELS = (
+    ("loss", "loss", "train", True),
+    ("eval loss", "eval_loss", "eval", False),
+    ("learning rate", "lr", "train", False),
+    ("gradient norm", "grad_norm", "train", True),
+)
+MARKERS_UP_TO = 50  # points per curve; beyond, a marker per point would hide the line
+SMOOTH_FROM = 100  # points per curve from which a running mean is drawn over the (faded) raw values
 
-    rows = read_metrics(metrics)
+
+def _points(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pairs = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+    pairs.sort(key=lambda pair: pair[0])  # stable: rows of one step keep their order
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def _running_mean(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def curves_figure(rows: list[dict]) -> Any:
+    """A matplotlib Figure of 2 x 2 panels (`PANELS`) from metrics.jsonl rows; None without training steps.
+
+    Readable from 1 step to thousands: every value gets a marker while a curve has at most `MARKERS_UP_TO`
+    points (one step is one dot, not an invisible zero-length line); from `SMOOTH_FROM` points the raw loss and
+    gradient norm are faded behind a running mean of ~1/50 of the run. The x axes are shared and span the training
+    steps, so a single final evaluation sits at its step. Each title carries the last value."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     train = [r for r in rows if "loss" in r and "skipped" not in r]
     evals = [r for r in rows if "eval_loss" in r]
     if not train:
-        return "no training curves PNG: metrics.jsonl has no training steps"
+        return None
     fig = Figure(figsize=(10, 7), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2).ravel()
-    panels = (("loss", "loss"), ("eval loss", "eval_loss"), ("learning rate", "lr"), ("gradient norm", "grad_norm"))
-    for ax, (title, key) in zip(axes, panels, strict=True):
-        source = evals if key == "eval_loss" else train
-        points = [(r["step"], r[key]) for r in source if isinstance(r.get(key), int | float)]
-        if key == "eval_loss" and points:
-            ax.plot(*zip(*points, strict=True), marker="o")
-        elif points:
-            ax.plot(*zip(*points, strict=True))
+    axes = fig.subplots(2, 2, sharex=True).ravel()
+    first, last = train[0]["step"], max(r["step"] for r in train + evals)
+    pad = max(0.5, 0.02 * (last - first))
+    for ax, (title, key, source, smooth) in zip(axes, PANELS, strict=True):
+        steps, values = _points(evals if source == "eval" else train, key)
+        if not steps:
+            ax.text(0.5, 0.5, "no evaluations" if source == "eval" else "no data", ha="center", va="center")
+            ax.set_yticks([])
+        elif len(steps) <= MARKERS_UP_TO:
+            ax.plot(steps, values, marker="o", markersize=5 if len(steps) < 10 else 3)
+        elif len(steps) < SMOOTH_FROM or not smooth:
+            ax.plot(steps, values)
         else:
-            ax.text(0.5, 0.5, "no evaluations" if key == "eval_loss" else "no data", ha="center", va="center")
-        ax.set_title(title)
+            window = max(2, len(steps) // 50)
+            ax.plot(steps, values, alpha=0.3, linewidth=0.8, label="per step")
+            ax.plot(steps, _running_mean(values, window), linewidth=1.6, label=f"mean of {window}")
+            ax.legend(loc="best", fontsize="small")
+        ax.set_title(f"{title} (last {values[-1]:.4g})" if steps else title)
+        ax.set_xlim(first - pad, last + pad)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1, steps=[1, 2, 2.5, 5, 10]))
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
+        ax.grid(alpha=0.3)
+    for ax in axes[2:]:
         ax.set_xlabel("step")
+    return fig
+
+
+def plot_metrics(metrics: Path, out: Path) -> str:
+    """Draw `curves_figure` of the rows of `metrics` into the PNG `out`; returns a note for the user."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = curves_figure(read_metrics(metrics))
+    if fig is None:
+        return "no training curves PNG: metrics.jsonl has no training steps"
+    FigureCanvasAgg(fig)
     fig.savefig(out, dpi=100)
     return f"training curves in {out}"

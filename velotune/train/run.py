@@ -285,12 +285,13 @@ def _load_best(model: CausalLM, run_dir: Path, result: TrainResult, log: Callabl
 
 
 def _final_eval(model: CausalLM, eval_ds: Any, pad_id: int, cfg: RunConfig, result: TrainResult, run_dir: Path):
-    """Eval loss after training; with eval_steps, also a metrics.jsonl row (unless the last step evaluated)."""
+    """Eval loss after training, also written as a metrics.jsonl row (unless the last step's periodic evaluation
+    wrote one), so the curves PNG shows the eval loss the run prints."""
     if eval_ds is None or not len(eval_ds):
         return None
     loss = evaluate_loss(model, eval_ds, pad_id, cfg.train.per_device_eval_batch_size)
     every = cfg.train.eval_steps
-    if every and result.steps % every:  # periodic evaluation on: the end gets its row too
+    if not every or result.steps % every:
         row = {"step": result.steps, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
         rank0_only(_write_metrics, run_dir, row)
     return loss
