@@ -27,7 +27,7 @@ def _rows(run_dir):
 def test_injected_nonfinite_step_is_skipped_and_reported(tiny_hf_llama, tmp_path):
     model = lora_model(tiny_hf_llama)
     data = examples()
-    trainer = Trainer(model, data, _cfg(), pad_id=0, run_dir=tmp_path, progress=False, faults=Faults({3}))
+    trainer = Trainer(model, data, _cfg(), pad_id=0, run_dir=tmp_path, progress=False, callbacks=[Faults({3})])
     messages = []
     trainer.log = messages.append
     result = trainer.train()
@@ -47,7 +47,7 @@ def test_injected_nonfinite_step_is_skipped_and_reported(tiny_hf_llama, tmp_path
 
 def test_skipped_step_leaves_weights_and_optimizer_untouched(tiny_hf_llama):
     model = lora_model(tiny_hf_llama)
-    trainer = Trainer(model, examples(), _cfg(), pad_id=0, progress=False, faults=Faults({2}))
+    trainer = Trainer(model, examples(), _cfg(), pad_id=0, progress=False, callbacks=[Faults({2})])
     trainer.train_step(trainer.split(trainer.step_examples(1)), 1)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     state = copy.deepcopy(trainer.optimizer.state_dict())
@@ -65,7 +65,7 @@ def test_skipped_step_leaves_weights_and_optimizer_untouched(tiny_hf_llama):
 def test_repeated_nonfinite_steps_stop_with_a_diagnosis(tiny_hf_llama, tmp_path):
     model = lora_model(tiny_hf_llama)
     cfg = _cfg(max_bad_steps=3, save_steps=100)
-    trainer = Trainer(model, examples(), cfg, pad_id=0, run_dir=tmp_path, progress=False, faults=Faults({2, 3, 4}))
+    trainer = Trainer(model, examples(), cfg, pad_id=0, run_dir=tmp_path, progress=False, callbacks=[Faults({2, 3, 4})])
     trainer.log = lambda s: None
     with pytest.raises(TrainingError) as err:
         trainer.train()
@@ -78,7 +78,7 @@ def test_repeated_nonfinite_steps_stop_with_a_diagnosis(tiny_hf_llama, tmp_path)
 
 def test_diagnosis_mentions_float16_overflow(tiny_hf_llama):
     model = lora_model(tiny_hf_llama).half()
-    trainer = Trainer(model, examples(), _cfg(max_bad_steps=1), pad_id=0, progress=False, faults=Faults({1}))
+    trainer = Trainer(model, examples(), _cfg(max_bad_steps=1), pad_id=0, progress=False, callbacks=[Faults({1})])
     trainer.log = lambda s: None
     with pytest.raises(TrainingError, match="float16 overflow"):
         trainer.train()
@@ -92,7 +92,7 @@ def test_out_of_memory_halves_micro_batch_and_keeps_the_loss_curve(tiny_hf_llama
     data = examples(24)
     messages = []
     big = Trainer(copy.deepcopy(base), data, _cfg(), 0, tmp_path / "oom", progress=False, log=messages.append)
-    big.faults = Faults(oom_steps={3})
+    big.callbacks = [Faults(oom_steps={3})]
     small_cfg = _cfg(per_device_train_batch_size=2, gradient_accumulation_steps=2)
     small = Trainer(copy.deepcopy(base), data, small_cfg, 0, progress=False)
     a, b = big.train(), small.train()
@@ -108,7 +108,7 @@ def test_out_of_memory_halves_micro_batch_and_keeps_the_loss_curve(tiny_hf_llama
 
 def test_out_of_memory_at_micro_batch_1_says_what_to_change(tiny_hf_llama):
     trainer = Trainer(lora_model(tiny_hf_llama), examples(), _cfg(per_device_train_batch_size=1), 0, progress=False)
-    trainer.faults = Faults(oom_steps={1})
+    trainer.callbacks = [Faults(oom_steps={1})]
     with pytest.raises(TrainingError, match="micro-batch 1.*gradient_checkpointing: offload.*velotune plan"):
         trainer.train()
 

@@ -30,9 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from velotune.data import collate
 from velotune.errors import ConfigError
-from velotune.models.decoder import count_targets
 from velotune.quant.nf4 import FrozenQuantLinear
 
 STRATEGIES = ("auto", "ddp", "fsdp")  # auto: choose_strategy decides from the memory plan
@@ -191,6 +189,15 @@ def all_reduce_sum(value: float | int, device: torch.device) -> float:
     return float(t)
 
 
+def all_reduce_sums(values: Sequence[float | int], device: torch.device) -> list[float | int]:
+    """Sums of several numbers over all ranks in one collective (the numbers themselves on one process)."""
+    if not dist.is_initialized() or not values:
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 class Parallel:
     """The model as the loop drives it on 1 or N processes: `module` is what to call (the DDP wrapper, or the
     model itself), `model` the CausalLM, for weights and properties."""
@@ -241,39 +248,6 @@ class Parallel:
             yield
         else:
             yield
-
-    def accumulate(
-        self,
-        examples: Sequence[dict],
-        micro_batch_size: int,
-        pad_id: int,
-        inputs: Sequence[str] = ("input_ids", "labels", "attention_mask", "position_ids"),
-        **collate_kw: Any,
-    ) -> tuple[float, int]:
-        """Forward + backward of one optimizer step's GLOBAL batch `examples` (the same list on every rank);
-        returns (the step's loss over all ranks, this rank's tokens). What Trainer.accumulate does on one process.
-        """
-        parts = self.step_micro_batches(examples, micro_batch_size)
-        dev = self.env.device
-
-        def batch(mb: list[dict]) -> dict[str, torch.Tensor]:
-            b = collate(mb, pad_id, **collate_kw)
-            return {k: v.to(dev) for k, v in b.items() if k in inputs}
-
-        batches = [batch(mb) if mb else None for mb in parts]
-        mine = sum(count_targets(b["labels"], b["position_ids"]) for b in batches if b is not None)
-        n_targets = max(all_reduce_sum(mine, dev), 1)
-        filler = batch([examples[0]]) if None in batches else None
-        loss_total, tokens = 0.0, 0
-        for i, b in enumerate(batches):
-            weight = 0.0 if b is None else 1.0  # a zero-weight micro-batch keeps collectives in step
-            b = filler if b is None else b
-            with self.sync(last=i == len(batches) - 1):
-                loss = self.module(**b, num_items_in_batch=n_targets).loss * weight
-                (loss * self.loss_scale).backward()
-            loss_total += float(loss.detach())
-            tokens += int(b["attention_mask"].sum()) if weight else 0
-        return all_reduce_sum(loss_total, dev), tokens
 
 
 def shard_decoder(model: nn.Module, env: DistEnv, offload_params: bool = False) -> tuple[int, int]:

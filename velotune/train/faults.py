@@ -19,7 +19,10 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from velotune.errors import ConfigError
+from velotune.train.callbacks import TrainerCallback
 
 KINDS = ("nonfinite", "oom", "signal", "checkpoint_pause", "stall", "crash")
 
@@ -29,7 +32,7 @@ class OutOfMemoryError(RuntimeError):
 
 
 @dataclass
-class Faults:
+class Faults(TrainerCallback):
     nonfinite_steps: set[int] = field(default_factory=set)
     oom_steps: set[int] = field(default_factory=set)
     signal_steps: dict[int, int] = field(default_factory=dict)  # step -> signal number
@@ -69,18 +72,25 @@ class Faults:
         self._fired.add((kind, step))
         return True
 
-    def simulate_oom(self, step: int) -> None:
-        if self.once("oom", step):
+    # ---- the TrainerCallback hooks ----
+
+    def on_micro_batch_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if step in self.nonfinite_steps else loss
+
+    def on_micro_batch_end(self, step: int, index: int) -> None:
+        if index == 0 and self.once("oom", step):  # after gradients exist, as a real OOM would
             raise OutOfMemoryError(f"simulated CUDA out of memory at step {step}")
 
-    def pause_checkpoint(self, step: int) -> None:
+    def on_checkpoint_written(self, step: int) -> None:
         if self.once("checkpoint_pause", step):
             time.sleep(self.checkpoint_pause[step])
 
-    def crash(self, step: int, rank: int) -> None:
-        if self.crash_steps.get(step) == rank:
-            raise RuntimeError(f"injected failure of rank {rank} after step {step}")
-
-    def stall(self, step: int) -> None:
+    def on_step_logged(self, step: int) -> None:
         if self.once("stall", step):
             time.sleep(self.stall_steps[step])
+
+    def on_step_end(self, step: int, rank: int) -> None:
+        if step in self.signal_steps:
+            signal.raise_signal(self.signal_steps[step])
+        if self.crash_steps.get(step) == rank:
+            raise RuntimeError(f"injected failure of rank {rank} after step {step}")

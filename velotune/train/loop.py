@@ -1,10 +1,13 @@
-"""The training loop: micro-batches, gradient accumulation normalised by target tokens, clipping, schedule, logs,
-and what lets a run be left alone overnight: checkpoints and exact resume, SIGINT/SIGTERM handling, skipping
-non-finite steps, out-of-memory recovery, periodic evaluation with early stopping, and the training monitor.
+"""The training loop: micro-batches, gradient accumulation under the objective's global normaliser, clipping,
+schedule, logs, and what lets a run be left alone overnight: checkpoints and exact resume, SIGINT/SIGTERM handling,
+skipping non-finite steps, out-of-memory recovery, periodic evaluation with early stopping, and the training
+monitor.
 
-The loss of an optimizer step is sum(token losses over all its micro-batches) / (target tokens in all of them),
-so accumulation 4 x batch 1 gives the same update as batch 4 x accumulation 1 whatever the sequence lengths; this
-is also why out-of-memory recovery can halve the micro-batch and double accumulation without changing the step.
+What is trained is an objective (train/objectives: SFT, DPO, ORPO, SimPO): it turns examples into a batch and a
+batch into a loss. For SFT the loss of an optimizer step is sum(token losses over all its micro-batches) / (target
+tokens in all of them, on all ranks), so accumulation 4 x batch 1 gives the same update as batch 4 x accumulation 1
+whatever the sequence lengths; this is also why out-of-memory recovery can halve the micro-batch and double
+accumulation without changing the step. Preference objectives normalise by pairs the same way.
 
 Step `s` (1-based) trains on a fixed slice of epoch (s - 1) // steps_per_epoch's seeded permutation, so the data
 order is a function of the step alone and a resumed run sees the batches the uninterrupted run would have seen.
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 from velotune.data import collate
 from velotune.errors import ConfigError, TrainingError
 from velotune.models.decoder import CausalLM, count_targets
+from velotune.train.callbacks import TrainerCallback
 from velotune.train.checkpoint import (
     METRICS,
     PREFIX,
@@ -47,7 +51,7 @@ from velotune.train.config import TrainConfig
 from velotune.train.distributed import (
     DistEnv,
     Parallel,
-    all_reduce_sum,
+    all_reduce_sums,
     clip_grad_norm,
     full_optimizer_state,
     full_trainable_state,
@@ -57,8 +61,8 @@ from velotune.train.distributed import (
     rank0_only,
     save_sharded_state,
 )
-from velotune.train.faults import Faults
 from velotune.train.monitor import Notice, TrainingMonitor
+from velotune.train.objectives import SFT, Objective
 from velotune.train.oom import free_memory, is_out_of_memory, largest_fitting, optimizer_state_bytes
 from velotune.train.optim import build_optimizer, build_scheduler, warmup_steps
 from velotune.train.report import MetricsLog, read_metrics
@@ -121,7 +125,8 @@ class Trainer:
         *,
         eval_examples: Sequence[dict] | None = None,
         config: dict[str, Any] | None = None,
-        faults: Faults | None = None,
+        objective: Objective | None = None,
+        callbacks: Sequence[TrainerCallback] = (),
         integrations: list[Any] | None = None,
         log: Callable[[str], Any] = print,
         parallel: Parallel | None = None,
@@ -134,7 +139,10 @@ class Trainer:
         self.sharded_checkpoints = self.par.strategy == "fsdp" and cfg.finetuning != "lora"
         self.pad_id, self.packing, self.max_seq_length = pad_id, packing, max_seq_length
         self.run_dir, self.progress, self.log = run_dir, progress, log
-        self.eval_examples, self.config, self.faults = eval_examples, config or {}, faults or Faults()
+        self.eval_examples, self.config, self.callbacks = eval_examples, config or {}, list(callbacks)
+        self.objective = objective or SFT()
+        self.objective.setup(model)
+        self.step_metrics: dict[str, float] = {}  # the objective's metrics of the last step, averaged
         self.integrations = integrations or []  # report.py sinks (TensorBoard, W&B) beside metrics.jsonl
         # the GLOBAL batch: every rank takes the same step examples and keeps its share (distributed.micro_batches)
         self.per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world_size
@@ -192,18 +200,20 @@ class Trainer:
     # ---- one step ---------------------------------------------------------------------------------------------
 
     def _batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = collate(examples, self.pad_id, packing=self.packing, max_seq_length=self.max_seq_length)
-        return {k: v.to(self.model.device) for k, v in batch.items() if k in _MODEL_INPUTS}
+        obj = self.objective
+        batch = obj.collate(examples, self.pad_id, packing=self.packing, max_seq_length=self.max_seq_length)
+        return {k: v.to(self.model.device) for k, v in batch.items() if k in obj.inputs}
 
     def accumulate(
         self, micro_batches: list[list[dict]], step: int = 0, micro_batch_size: int | None = None
     ) -> tuple[float, int]:
-        """Forward + backward of one optimizer step's micro-batches; returns (loss, tokens), both over all ranks.
+        """Forward + backward of one optimizer step's micro-batches; returns (loss, tokens), both over all ranks,
+        and leaves the objective's metrics, averaged over the step, in `step_metrics`.
 
-        Each micro-batch's summed token loss is divided by the target tokens of ALL micro-batches of the step, on
-        all ranks. On N processes `micro_batches` is the step's GLOBAL batch: this rank keeps its share, cut into
-        micro-batches of `micro_batch_size` (the one in force by default), and a rank whose share runs short runs
-        a zero-weight micro-batch so every rank makes the same collective calls.
+        Each micro-batch's loss is divided by the objective's counts (SFT: target tokens) of ALL micro-batches of
+        the step, on all ranks. On N processes `micro_batches` is the step's GLOBAL batch: this rank keeps its
+        share, cut into micro-batches of `micro_batch_size` (the one in force by default), and a rank whose share
+        runs short runs a zero-weight micro-batch so every rank makes the same collective calls.
         """
         par, dev = self.par, self.par.env.device
         filler = None
@@ -211,25 +221,38 @@ class Trainer:
             examples = [e for mb in micro_batches for e in mb]
             micro_batches = par.step_micro_batches(examples, micro_batch_size or self.state.micro_batch_size)
             filler = self._batch(examples[:1]) if not all(micro_batches) else None
+        obj = self.objective
         batches = [self._batch(mb) if mb else None for mb in micro_batches]
-        mine = sum(count_targets(b["labels"], b["position_ids"]) for b in batches if b is not None)
-        n_targets = max(all_reduce_sum(mine, dev), 1)
-        poison = float("nan") if step in self.faults.nonfinite_steps else None
-        loss_total, tokens = 0.0, 0
+        mine: dict[str, int] = {}
+        for b in batches:
+            for k, v in (obj.counts(b) if b is not None else {}).items():
+                mine[k] = mine.get(k, 0) + v
+        keys = sorted(mine or obj.counts(filler))
+        reduced = all_reduce_sums([mine.get(k, 0) for k in keys], dev)
+        totals = {k: max(int(v), 1) for k, v in zip(keys, reduced, strict=True)}
+        loss_total, tokens, metric_sums = 0.0, 0, {}
         for i, b in enumerate(batches):
             empty = b is None
             b = filler if empty else b
             with par.sync(last=i == len(batches) - 1):
-                out = par.module(**b, num_items_in_batch=n_targets)
-                loss = out.loss * poison if poison is not None else out.loss
+                loss, metrics = obj.loss(par.module, b, totals)
+                for cb in self.callbacks:
+                    loss = cb.on_micro_batch_loss(step, loss)
                 loss = loss * 0.0 if empty else loss
                 (loss * par.loss_scale if par.loss_scale != 1 else loss).backward()
             loss_total += float(loss.detach())
-            tokens += 0 if empty else int(b["attention_mask"].sum())
-            if i == 0:
-                self.faults.simulate_oom(step)  # test hook: after gradients exist, as a real OOM would
+            tokens += 0 if empty else obj.tokens(b)
+            for k, v in ({} if empty else metrics).items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + v
+            for cb in self.callbacks:
+                cb.on_micro_batch_end(step, i)
+        names = sorted(metric_sums)
         if par.env.distributed:
-            loss_total, tokens = all_reduce_sum(loss_total, dev), int(all_reduce_sum(tokens, dev))
+            reduced = all_reduce_sums([loss_total, tokens, *(metric_sums[k] for k in names)], dev)
+            loss_total, tokens = reduced[0], int(reduced[1])
+            metric_sums = dict(zip(names, reduced[2:], strict=True))
+        unit = totals.get(obj.metric_unit, 1)
+        self.step_metrics = {k: metric_sums[k] / unit for k in names}
         return loss_total, tokens
 
     def train_step(self, micro_batches: list[list[dict]], step: int = 0) -> tuple[float, float, int]:
@@ -264,7 +287,7 @@ class Trainer:
         free_memory()
         bs = self.state.micro_batch_size
         if bs == 1:
-            longest = max(len(e["input_ids"]) for e in examples)
+            longest = max(self.objective.length(e) for e in examples)
             raise TrainingError(
                 f"out of GPU memory at step {step} with micro-batch 1 (longest row {longest} tokens): set "
                 "gradient_checkpointing: offload, load_in_4bit: true, or a lower max_seq_length; "
@@ -339,11 +362,12 @@ class Trainer:
             result.losses.append(loss)
             if step % self.cfg.logging_steps == 0 or step == self.total_steps:
                 row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.state.tokens}
-                self._record(row | {"elapsed_s": round(self.state.elapsed_s, 3)})
+                self._record(row | self.step_metrics | {"elapsed_s": round(self.state.elapsed_s, 3)})
             self._notify(self.monitor.observe(step, loss, grad_norm))
         else:
             self._skip(step, loss, grad_norm, lr, examples)
-        self.faults.stall(step)
+        for cb in self.callbacks:
+            cb.on_step_logged(step)
         self._bar.update(1)
         self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         stop = self._evaluate(step) if self._due(self.cfg.eval_steps, step) and self.eval_examples else False
@@ -351,9 +375,8 @@ class Trainer:
         saved = None
         if self._due(self.cfg.save_steps, step) or (self.cfg.save_steps and (stop or step == self.total_steps)):
             saved = result.last_checkpoint = self.save()
-        if step in self.faults.signal_steps:
-            signal.raise_signal(self.faults.signal_steps[step])
-        self.faults.crash(step, self.par.env.rank)
+        for cb in self.callbacks:
+            cb.on_step_end(step, self.par.env.rank)
         if self._stop_signal is not None:
             raise TrainingInterrupted(self._stop_signal, step, saved or self.save())
         return stop
@@ -394,11 +417,14 @@ class Trainer:
         )
 
     def _evaluate(self, step: int) -> bool:
-        """Eval loss and perplexity into metrics; True when early stopping ends the run."""
+        """The objective's eval metrics (SFT: loss and perplexity) into metrics; True when early stopping ends the
+        run."""
         assert self.eval_examples is not None
-        loss = evaluate_loss(self.model, self.eval_examples, self.pad_id, self.cfg.per_device_eval_batch_size)
+        metrics = self.objective.evaluate(self.eval_examples, self.pad_id, self.cfg.per_device_eval_batch_size)
+        loss = metrics["eval_loss"]
         self.state.eval_loss = loss
-        self._record({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
+        ppl = {"eval_ppl": math.exp(min(loss, 50.0))} if isinstance(self.objective, SFT) else {}
+        self._record({"step": step} | metrics | ppl)
         notices, stop = self.monitor.observe_eval(step, loss)
         self._notify(notices)
         return stop
@@ -413,7 +439,8 @@ class Trainer:
         s.monitor = self.monitor.state_dict()
         if s.eval_loss is not None and (s.best_eval_loss is None or s.eval_loss < s.best_eval_loss):
             s.best_eval_loss, s.best_checkpoint = s.eval_loss, f"checkpoint-{s.step}"
-        pause = self.faults.pause_checkpoint if self.faults.checkpoint_pause else None
+        hooks = [cb.on_checkpoint_written for cb in self.callbacks]
+        pause = (lambda step: [hook(step) for hook in hooks]) if hooks else None
         if self.sharded_checkpoints:  # every process writes its shards, rank 0 the rest and the rename
             staged = staging_dir(self.run_dir, s.step)
             rank0_only(lambda: (shutil.rmtree(staged, ignore_errors=True), staged.mkdir(parents=True)))
@@ -465,21 +492,21 @@ class Trainer:
                 f"auto_batch_size: nothing to do on {self.model.device.type} (it searches GPU memory); "
                 f"micro-batch stays {self.state.micro_batch_size}"
             )
-        longest = max(range(len(self.examples)), key=lambda i: len(self.examples[i]["input_ids"]))
+        longest = max(range(len(self.examples)), key=lambda i: self.objective.length(self.examples[i]))
         probe = self.examples[longest]
         reserve = optimizer_state_bytes(self.params, self.cfg.optim)
         per_rank = self.per_step // self.world_size
         found = largest_fitting(per_rank, lambda bs: self._fits(probe, bs, reserve))
         if found is None:
             raise TrainingError(
-                f"auto_batch_size: even one row of {len(probe['input_ids'])} tokens does not fit in GPU memory; set "
-                "gradient_checkpointing: offload, load_in_4bit: true, or a lower max_seq_length"
+                f"auto_batch_size: even one row of {self.objective.length(probe)} tokens does not fit in GPU memory; "
+                "set gradient_checkpointing: offload, load_in_4bit: true, or a lower max_seq_length"
             )
         self.state.micro_batch_size, self.state.accumulation = found, math.ceil(per_rank / found)
         return (
             f"auto_batch_size: micro-batch {found} x gradient accumulation {self.state.accumulation} "
             f"({per_rank} examples per step{' and process' if self.world_size > 1 else ''}, rows up to "
-            f"{len(probe['input_ids'])} tokens)"
+            f"{self.objective.length(probe)} tokens)"
         )
 
     def _fits(self, example: dict, bs: int, reserve: int) -> bool:
