@@ -47,7 +47,7 @@ def test_too_long_fail_names_row_length_and_options(tokenizer, write_jsonl):
     with pytest.raises(
         DataError,
         match=rf"{path}:2: \d+ tokens, longer than max_seq_length 64; raise "
-        r"data\.max_seq_length, or set data\.too_long to truncate or drop",
+        r"max_seq_length, or set too_long to truncate or drop",
     ):
         build_datasets(DataConfig(path=path, max_seq_length=64, too_long="fail"), tokenizer)
 
@@ -120,7 +120,7 @@ def test_dataset_with_every_row_dropped_is_an_error_with_the_report(tokenizer, w
     with pytest.raises(
         DataError,
         match=r"no usable train rows: train: read 2 rows .* dropped 2: 2 longer than "
-        r"max_seq_length 64 .*Raise data\.max_seq_length",
+        r"max_seq_length 64 .*Raise max_seq_length",
     ):
         build_datasets(DataConfig(path=path, max_seq_length=64, too_long="drop"), tokenizer)
 
@@ -132,5 +132,5 @@ def test_empty_dataset_is_an_error(tokenizer, write_jsonl):
 
 
 def test_missing_path_is_a_config_error(tokenizer):
-    with pytest.raises(ConfigError, match=r"data\.path is not set"):
+    with pytest.raises(ConfigError, match=r"no dataset is set"):
         build_datasets(DataConfig(), tokenizer)

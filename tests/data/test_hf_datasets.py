@@ -33,7 +33,9 @@ def test_dataset_dict_split_is_chosen_and_eval_takes_validation(tokenizer, tmp_p
     assert eval_set[0]["row"] == f"{path}[validation]:row 1"
     extra, _ = build_datasets(DataConfig(path=path, split="extra"), tokenizer)
     assert len(extra) == 1
-    with pytest.raises(ConfigError, match=r"no split test; the dataset has: train, validation, extra; set data\.split"):
+    with pytest.raises(
+        ConfigError, match=r"no split test; the dataset has: train, validation, extra; set dataset_split "
+    ):
         build_datasets(DataConfig(path=path, split="test"), tokenizer)
 
 
@@ -61,10 +63,10 @@ def test_without_datasets_installed_the_error_says_what_to_install(tokenizer, tm
 
 def test_split_on_a_local_file_is_a_config_error(tokenizer, write_jsonl):
     path = write_jsonl(ROWS)
-    with pytest.raises(ConfigError, match=r"data\.split is 'test', but .* is a file"):
+    with pytest.raises(ConfigError, match=r"dataset_split is 'test', but .* is a file"):
         build_datasets(DataConfig(path=path, split="test"), tokenizer)
 
 
 def test_plain_directory_is_refused(tokenizer, tmp_path):
-    with pytest.raises(DataError, match=r"is a directory; data\.path must name one file .* save_to_disk"):
+    with pytest.raises(DataError, match=r"is a directory; give one data file .* save_to_disk"):
         build_datasets(DataConfig(path=str(tmp_path)), tokenizer)

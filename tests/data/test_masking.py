@@ -116,7 +116,7 @@ def test_tokenizer_without_chat_template_asks_for_template(tokenizer):
     tok.chat_template = None
     with pytest.raises(
         DataError,
-        match=r"has no chat template, and no `template` is set; set data\.template to one "
+        match=r"has no chat template, and no chat_template is set; set chat_template to one "
         r"of: .*chatml",
     ):
         resolve_template(tok)

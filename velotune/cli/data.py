@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from velotune.errors import ConfigError
 
 
@@ -18,20 +20,40 @@ def add_parser(sub: Any) -> None:
         help="format, rows used and dropped, token-length histogram, masked examples",
         description="Tokenize FILE as training would (cached like training data) and show the detected format, "
         "rows used and dropped (and why), a token-length histogram (text, and PNG with matplotlib), how many "
-        "rows exceed max_seq_length, and examples with the masked (non-target) text marked.",
+        "rows exceed max_seq_length, and examples with the masked (non-target) text marked. Options carry the "
+        "names of the training config keys.",
     )
     i.add_argument("file", help=".jsonl/.json/.csv/.parquet file, saved Hugging Face dataset directory or hub name")
-    i.add_argument("--format", default="auto", help="row format (default: detected from the first row)")
+    i.add_argument("--dataset_format", "--format", dest="format", default="auto", help="row format (default: detected)")
     i.add_argument(
         "--model", default=None, help="model or tokenizer: directory, .gguf file or hub id (default: SmolLM2)"
     )
-    i.add_argument("--max_seq_length", type=int, default=2048)
-    i.add_argument("--template", default=None, help="built-in chat template instead of the tokenizer's")
-    i.add_argument("--train_on", default="responses", help="responses (assistant turns) or all")
+    i.add_argument("--max_seq_length", type=int, default=2048, help="default: 2048")
+    i.add_argument(
+        "--chat_template",
+        "--template",
+        dest="template",
+        default=None,
+        help="built-in chat template instead of the tokenizer's",
+    )
+    i.add_argument("--train_on", default="responses", help="responses (assistant turns, the default) or all")
     i.add_argument("--system_prompt", default=None, help="system message for rows without one")
-    i.add_argument("--split", default=None, help="split of a Hugging Face dataset (default: train)")
+    i.add_argument("--field_map", default=None, help="rename fields, e.g. '{question: instruction}'")
+    i.add_argument(
+        "--dataset_split",
+        "--split",
+        dest="split",
+        default=None,
+        help="split of a Hugging Face dataset (default: train)",
+    )
     i.add_argument("--examples", type=int, default=3, help="examples to show (default 3)")
-    i.add_argument("--png", default=None, help="histogram PNG path (default: <file stem>_token_lengths.png)")
+    i.add_argument(
+        "--output",
+        "--png",
+        dest="output",
+        default=None,
+        help="histogram PNG path (default: <file stem>_token_lengths.png next to FILE)",
+    )
     i.add_argument("--no_png", action="store_true", help="no PNG histogram")
     i.add_argument("--no_cache", action="store_true", help="do not read or write the tokenization cache")
     i.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="dim masked text (auto: tty)")
@@ -48,9 +70,32 @@ def load_tokenizer(model: str | None) -> Any:
     return load(path)
 
 
+def png_path(file: str, output: str | None) -> Path | None:
+    """Where the histogram PNG goes: --output, else beside the data file or saved dataset directory; None for a hub
+    dataset, which has no local place."""
+    if output:
+        return Path(output)
+    data = Path(file.rstrip("/"))
+    if not data.exists():
+        return None
+    return data.parent / f"{data.name.removesuffix(data.suffix) if data.is_file() else data.name}_token_lengths.png"
+
+
+def _field_map(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"--field_map {text!r} is not valid YAML ({e}); write e.g. '{{question: instruction}}'"
+        ) from e
+    return value
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from velotune.data import DataConfig
-    from velotune.data.inspection import histogram_png, histogram_text, inspect_data, show_example
+    from velotune.data.sources import check_file
 
     if args.data_command != "inspect":
         raise ConfigError(f"unknown data command {args.data_command!r}; expected: inspect")
@@ -61,10 +106,18 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         template=args.template,
         train_on=args.train_on,
         system_prompt=args.system_prompt,
+        field_map=_field_map(args.field_map),
         split=args.split,
         too_long="truncate",
         cache=not args.no_cache,
     )
+    check_file(args.file, cfg)  # a missing, empty or malformed file is reported before the tokenizer loads
+    return _inspect(args, cfg)
+
+
+def _inspect(args: argparse.Namespace, cfg: Any) -> int:
+    from velotune.data.inspection import histogram_png, histogram_text, inspect_data, show_example
+
     tokenizer = load_tokenizer(args.model)
     found = inspect_data(cfg, tokenizer, progress=sys.stderr.isatty())
     ds, s = found.dataset, found.dataset.stats
@@ -77,8 +130,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     print()
     print(histogram_text(found.lengths, cfg.max_seq_length))
     if not args.no_png:
-        out = Path(args.png) if args.png else Path(f"{Path(args.file.rstrip('/')).stem}_token_lengths.png")
-        print(histogram_png(found.lengths, cfg.max_seq_length, out, title=args.file))
+        out = png_path(args.file, args.output)
+        if out is None:
+            print("no PNG histogram: the data is not a local file; give --output PATH to write one")
+        else:
+            print(histogram_png(found.lengths, cfg.max_seq_length, out, title=args.file))
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     shown = min(args.examples, len(ds))
     if shown:

@@ -11,6 +11,7 @@ from velotune.data.dataset import DataStats, TokenizedDataset, build_datasets
 from velotune.data.formats import FORMATS, detect_format, to_messages
 from velotune.data.masking import IGNORE
 from velotune.data.packing import PaddingStats
+from velotune.data.sources import check_files
 from velotune.data.templates import BUILTIN_TEMPLATES, TEMPLATE_NAMES, render_prompt
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "DataStats",
     "TokenizedDataset",
     "build_datasets",
+    "check_files",
     "collate",
     "detect_format",
     "render_prompt",

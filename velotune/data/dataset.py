@@ -154,7 +154,7 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     seeded shuffle; both in file order."""
     n_eval = max(1, round(fraction * n))
     if n_eval >= n:
-        raise DataError(f"eval_split {fraction} of {n} rows leaves no training rows; lower data.eval_split or add rows")
+        raise DataError(f"eval_split {fraction} of {n} rows leaves no training rows; lower eval_split or add rows")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     held = np.zeros(n, dtype=bool)
@@ -200,7 +200,7 @@ def dataset_from_store(tokenized: Tokenized, rows: np.ndarray | None, name: str,
     dataset = TokenizedDataset(ExampleArrays(store, examples), stats, store)
     if not stats.rows_used:
         raise DataError(
-            f"no usable {name} rows: {dataset.report()} Raise data.max_seq_length, set data.too_long to truncate, "
+            f"no usable {name} rows: {dataset.report()} Raise max_seq_length, set too_long to truncate, "
             f"or check that rows have assistant turns"
         )
     return dataset
@@ -223,7 +223,7 @@ def build_datasets(
     and settings starts at once. progress: show a progress bar (default: when stderr is a terminal).
     """
     if cfg.path is None:
-        raise ConfigError("data.path is not set; set it to a .jsonl, .json, .csv or .parquet file")
+        raise ConfigError("no dataset is set; set dataset to a .jsonl, .json, .csv or .parquet file")
     progress = sys.stderr.isatty() if progress is None else progress
     train = tokenize_path(cfg.path, cfg, tokenizer, "train", progress)
     eval_set = None

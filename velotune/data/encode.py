@@ -43,7 +43,7 @@ def drop_reason(code: int, max_seq_length: int) -> str:
 def too_long_error(source: str, n: int, max_seq_length: int) -> DataError:
     return DataError(
         f"{source}: {n:,} tokens, longer than max_seq_length {max_seq_length:,}; raise "
-        f"data.max_seq_length, or set data.too_long to truncate or drop"
+        f"max_seq_length, or set too_long to truncate or drop"
     )
 
 

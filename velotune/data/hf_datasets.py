@@ -50,7 +50,7 @@ def _pick_split(found, path: str, split: str | None, for_eval: bool):
         if name in names:
             return found[name], name
     raise ConfigError(
-        f"{path}: no split {' or '.join(wanted)}; the dataset has: {', '.join(names)}; set data.split to one of them"
+        f"{path}: no split {' or '.join(wanted)}; the dataset has: {', '.join(names)}; set dataset_split to one of them"
     )
 
 

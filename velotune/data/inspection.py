@@ -78,25 +78,41 @@ def histogram_text(lengths: np.ndarray, max_seq_length: int, bins: int = 12, bar
     return "\n".join(lines)
 
 
+def histogram_figure(lengths: np.ndarray, max_seq_length: int, title: str = ""):
+    """The histogram as a matplotlib figure whose x axis spans the data (min to max length), so short rows are not
+    squeezed into a sliver of a max_seq_length-wide axis; max_seq_length is marked where it falls inside it."""
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry
+
+    lengths = np.asarray(lengths)
+    low, high = (int(lengths.min()), int(lengths.max())) if len(lengths) else (0, 1)
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    ax.hist(lengths, bins=min(60, max(10, len(np.unique(lengths)))), color="#4c72b0")
+    margin = max(1.0, 0.03 * (high - low))
+    ax.set_xlim(max(0.0, low - margin), high + margin)
+    label = "tokens per row (before truncation)"
+    if max_seq_length <= high + margin:
+        ax.axvline(max_seq_length, color="#c44e52", linestyle="--", label=f"max_seq_length {max_seq_length:,}")
+        ax.legend()
+    else:
+        label += f"; max_seq_length {max_seq_length:,} is beyond the longest row"
+    ax.set_xlabel(label)
+    ax.set_ylabel("rows")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def histogram_png(lengths: np.ndarray, max_seq_length: int, out: Path, title: str = "") -> str:
     """Draw the histogram to `out` with matplotlib; returns a line saying where, or why there is no picture."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        fig = histogram_figure(lengths, max_seq_length, title)
     except ImportError:
         return "no PNG histogram: matplotlib is not installed (pip install matplotlib)"
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.hist(lengths, bins=min(60, max(10, len(np.unique(lengths)))), color="#4c72b0")
-    ax.axvline(max_seq_length, color="#c44e52", linestyle="--", label=f"max_seq_length {max_seq_length:,}")
-    ax.set_xlabel("tokens per row (before truncation)")
-    ax.set_ylabel("rows")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        return f"no PNG histogram: cannot write {out} ({e.strerror or e}); give another path with --output"
     return f"histogram written to {out}"
 
 

@@ -41,7 +41,7 @@ def _trim_end(text: str, start: int, end: int) -> tuple[int, int]:
 def _rewritten(source: str) -> DataError:
     return DataError(
         f"{source}: the chat template changes assistant text when rendering it (for example it drops <think> "
-        f"blocks from earlier turns), so the target tokens cannot be found; set data.template to a built-in template"
+        f"blocks from earlier turns), so the target tokens cannot be found; set chat_template to a built-in template"
     )
 
 

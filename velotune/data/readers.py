@@ -180,7 +180,7 @@ def read_rows(path: str | os.PathLike) -> Rows:
             f"{', '.join(READERS)}; rename the file or convert it to JSONL"
         )
     if not os.path.exists(path):
-        raise DataError(f"{path}: file not found (working directory: {os.getcwd()}); check data.path")
+        raise DataError(f"{path}: file not found (working directory: {os.getcwd()}); check the path")
     if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory; data.path must name one file")
+        raise DataError(f"{path}: is a directory; give one data file (.jsonl, .json, .csv, .parquet)")
     return reader(path)

@@ -150,8 +150,8 @@ def resolve_template(tokenizer, name: str | None = None) -> str:
     if not own:
         raise DataError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} has no chat template, "
-            f"and no `template` is set; set data.template to one of: {', '.join(TEMPLATE_NAMES)} "
-            f"(or use format: text for plain-text training)"
+            f"and no chat_template is set; set chat_template to one of: {', '.join(TEMPLATE_NAMES)} "
+            f"(or dataset_format: text for plain-text training)"
         )
     return own
 
@@ -173,7 +173,7 @@ def render(
         roles = ", ".join(m["role"] for m in messages)
         raise DataError(
             f"{source}: the chat template cannot render this conversation (roles: {roles}): {e}; fix the row, "
-            f"or set data.template to a built-in template ({', '.join(TEMPLATE_NAMES)})"
+            f"or set chat_template to a built-in template ({', '.join(TEMPLATE_NAMES)})"
         ) from e
     assert isinstance(text, str), f"apply_chat_template returned {type(text).__name__}"
     return text

@@ -70,10 +70,11 @@ def run_dir_for(cfg: RunConfig) -> Path:
 
 
 def check_paths(cfg: RunConfig) -> None:
-    """Fail on a missing dataset file before spending time loading the model."""
-    for key, value in (("dataset", cfg.data.path), ("eval_dataset", cfg.data.eval_path)):
-        if value is not None and "://" not in value and not Path(value).exists():
-            raise DataError(f"{key} {value!r} does not exist; give the path of a .jsonl, .json, .csv or .parquet file")
+    """Fail on a missing, empty or malformed dataset file (its first rows, read as training reads them) before
+    spending time loading the model."""
+    from velotune.data import check_files
+
+    check_files(cfg.data)
 
 
 def freeze_for_partial(model: CausalLM, train_layers: float) -> int:

@@ -1,7 +1,7 @@
 """Dataset row formats: each turns one row into the canonical conversation [{"role", "content"}].
 
-One module per format; `FORMATS` maps the name users write in `format:` to it. Auto-detection tries the formats in
-`DETECTION_ORDER` and picks the first whose required fields the row has.
+One module per format; `FORMATS` maps the name users write in `dataset_format:` to it. Auto-detection tries the
+formats in `DETECTION_ORDER` and picks the first whose required fields the row has.
 """
 
 from collections.abc import Callable
@@ -63,7 +63,7 @@ def detect_format(row: dict, source: str = "row") -> str:
     expected = "; ".join(f"{n} ({', '.join(FORMATS[n].required)})" for n in DETECTION_ORDER)
     raise DataError(
         f"{source}: cannot tell the data format from the fields ({', '.join(map(str, row)) or 'none'}); "
-        f"expected one of: {expected}. Set format: <name>, or rename fields with field_map"
+        f"expected one of: {expected}. Set dataset_format: <name>, or rename fields with field_map"
     )
 
 

@@ -28,7 +28,7 @@ def resolve_fields(
         raise DataError(
             f"{source}: missing {quoted}; {fmt} rows need {' and '.join(required)} "
             f"(this row has: {_listing([str(k) for k in row])}); rename your fields with field_map, "
-            f"e.g. field_map: {{your_name: {missing[0]}}}, or set format to the one your data uses"
+            f"e.g. field_map: {{your_name: {missing[0]}}}, or set dataset_format to the one your data uses"
         )
     return out
 
