@@ -34,6 +34,19 @@ def merged_copy(model: CausalLM) -> CausalLM:
     return merge_lora(copy.deepcopy(model)) if hasattr(model, "lora_config") else model
 
 
+_GGUF_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what export_gguf reads from safetensors
+
+
+def intermediate_dtype(model: CausalLM) -> torch.dtype:
+    """The dtype the merged model is saved in on its way to GGUF: its own weights' dtype, so each weight is rounded
+    once, to the file's type (an fp32 model through bf16 to f16 lost precision twice); float32 when 16-bit types are
+    mixed or the dtype is one the GGUF writer does not read."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) == 1 and dtypes <= set(_GGUF_INPUT_DTYPES):
+        return dtypes.pop()
+    return torch.float32
+
+
 def export_gguf_files(
     model: CausalLM, tokenizer: Any, out_dir: str | Path, quants: list[str], progress: bool = True
 ) -> list[Path]:
@@ -41,8 +54,10 @@ def export_gguf_files(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = gguf_stem(getattr(model, "source", None))
+    merged = merged_copy(model)
     with tempfile.TemporaryDirectory(dir=out, prefix=".hf-") as tmp:
-        save_hf(merged_copy(model), tokenizer, Path(tmp) / "hf", dtype=torch.bfloat16)
+        save_hf(merged, tokenizer, Path(tmp) / "hf", dtype=intermediate_dtype(merged))
+        del merged  # the LoRA-merged copy: free it before converting
         paths = [export_gguf(Path(tmp) / "hf", out / f"{stem}-{q}.gguf", q, progress=progress) for q in quants]
     vocab = tokenizer.get_vocab()
     stops = [t for t in END_OF_TURN_TOKENS if t in vocab]
