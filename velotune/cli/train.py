@@ -3,13 +3,15 @@
 `--resume` continues the run in output_dir from its latest checkpoint (`--resume PATH`: from that checkpoint), with
 the settings saved in the checkpoint unless given again. SIGINT/SIGTERM stop after the current step with a
 checkpoint, printing the command that resumes. VELOTUNE_FAULTS injects failures for tests (train/faults.py).
-`--nproc N` re-runs the command under torchrun with N processes on this host (`--strategy ddp|fsdp`, a config
+`--nproc N` re-runs the command under torchrun with N processes on this host (`--strategy auto|ddp|fsdp`, a config
 key, says how they share the model); per_device_train_batch_size is per process, so the global batch is N times it.
+`--help` lists every config key with its description, default and choices, read from the config dataclasses.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import subprocess
@@ -21,31 +23,95 @@ from typing import Any
 import yaml
 
 from velotune.errors import ConfigError
-from velotune.train.config import ALIASES, KEYS, SECTIONS, load_yaml, run_config_from_dict, with_defaults
+from velotune.train.config import (
+    ALIASES,
+    KEYS,
+    LORA_HELP,
+    SECTIONS,
+    load_yaml,
+    run_config_from_dict,
+    with_defaults,
+)
 
 ACCEPTS_OVERRIDES = True
 FAULTS_ENV = "VELOTUNE_FAULTS"
 
 
+SECTION_TITLES = {"train": "training", "lora": "LoRA", "data": "data"}
+
+
+def show_value(value: Any) -> str:
+    """A default as it would be written on the command line or in YAML."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, dict):
+        return yaml.safe_dump(value, default_flow_style=True).strip()
+    return str(value)
+
+
+def key_field(key: str) -> dataclasses.Field:
+    """The config dataclass field behind a flat key."""
+    section, name = KEYS[key]
+    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}[name]
+
+
+def key_default(key: str) -> Any:
+    f = key_field(key)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+def key_lines() -> str:
+    """One line per config key: what it does, its allowed values, its default (all from the dataclass fields)."""
+    aliases: dict[str, list[str]] = {}
+    for alias, target in ALIASES.items():
+        aliases.setdefault(target, []).append(alias)
+    keys = [k for k in KEYS if k not in ALIASES]
+    width = max(map(len, keys)) + 2
+    lines = []
+    for section, title in SECTION_TITLES.items():
+        lines.append(f"{title} keys:")
+        for key in (k for k in keys if KEYS[k][0] == section):
+            f = key_field(key)
+            text = f.metadata.get("help") or LORA_HELP.get(key, "")
+            choices = f.metadata.get("choices", ())
+            text += f"; one of: {', '.join(choices)}" if choices else ""
+            text += f" (default: {show_value(key_default(key))})"
+            text += f" (also --{', --'.join(aliases[key])})" if key in aliases else ""
+            lines.append(f"  --{key:<{width}}{text}")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
 def add_parser(sub: Any) -> None:
+    demo = {k: v for k, v in with_defaults({}).items() if k not in ("dataset", "eval_dataset")}
     p = sub.add_parser(
         "train",
         help="fine-tune a model (no arguments: the embedded SmolLM2 demo)",
-        description="Fine-tune a model. Any config key can be given as --key value and overrides the YAML file; "
-        "true/false keys may be given alone (--auto_batch_size). --resume continues the run in output_dir from its "
-        f"latest checkpoint, --resume PATH from that checkpoint. Keys: {', '.join(sorted(KEYS))}.",
+        description="Fine-tune a model. Any config key below can be set in the YAML file or given as --key value, "
+        "which overrides the file; true/false keys may be given alone (--auto_batch_size). Without a dataset, the "
+        "bundled ISO-date demo trains, with "
+        + ", ".join(f"{k} {show_value(v)}" for k, v in demo.items())
+        + ". --resume continues the run in output_dir from its latest checkpoint, --resume PATH from that "
+        "checkpoint.",
+        epilog=key_lines(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.usage = (
         "velotune train [CONFIG.yaml] [--key value ...] [--resume [PATH]] [--no_progress] [--nproc N] "
-        "[--strategy ddp|fsdp]"
+        "[--strategy auto|ddp|fsdp]"
     )
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--nproc",
         type=int,
         default=1,
-        help="train on N processes of this host (torchrun; one per GPU on CUDA); --strategy ddp (default) or fsdp",
+        metavar="N",
+        help="train on N processes of this host (torchrun; one per GPU on CUDA); --strategy says how they share "
+        "the model",
     )
 
 
@@ -188,7 +254,7 @@ def _report(result: Any, cfg: Any) -> None:
     tr = result.train
     first, last = (f"{tr.losses[0]:.4f}", f"{tr.losses[-1]:.4f}") if tr.losses else ("-", "-")
     speed = f"{tr.seconds:.0f} s ({tr.tokens_per_second:.0f} tokens/s)"
-    print(f"\ntrained {tr.steps} steps in {speed}; loss {first} -> {last}")
+    print(f"\ntrained {tr.steps} step{'s' if tr.steps != 1 else ''} in {speed}; loss {first} -> {last}")
     if tr.skipped:
         print(f"skipped {len(tr.skipped)} steps with a non-finite loss or gradient norm (see metrics.jsonl)")
     if tr.stopped_early:

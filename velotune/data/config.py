@@ -63,7 +63,7 @@ class DataConfig:
     path: str | None = setting(
         None,
         "training data: a .jsonl/.json/.csv/.parquet file, a datasets save_to_disk directory or a hub name "
-        "(unset: the bundled ISO-date demo, which also sets max_steps 30 and a few more)",
+        "(unset: the bundled ISO-date demo)",
     )
     format: str = setting("auto", "row format (auto: detected from the first row's fields)", FORMAT_CHOICES)
     eval_path: str | None = setting(None, "held-out data for eval loss and perplexity, a file like dataset")

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from velotune.data import DataConfig
+from velotune.data.config import setting
 from velotune.errors import ConfigError
 from velotune.lora.apply import LoRAConfig
 
@@ -33,48 +34,76 @@ PACKAGE_DATA = Path(__file__).resolve().parents[1] / "datasets"
 class TrainConfig:
     """The training part of a run; names follow transformers.TrainingArguments."""
 
-    model_name_or_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    output_dir: str | None = None  # None: runs/<model>-<timestamp>
-    finetuning: str = "lora"  # lora | full | partial (the top train_layers decoder layers, final norm, lm_head)
-    train_layers: float = 0  # finetuning partial: how many top layers train (>= 1), or a fraction of them (< 1)
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    load_in_4bit: bool = False  # NF4 base weights (QLoRA); bitsandbytes 4-bit checkpoints load as stored
-    load_in_8bit: bool = False  # int8 base weights
-    learning_rate: float = 2e-4
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_steps: int = -1
-    num_train_epochs: float = 1.0
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    lr_scheduler_type: str = "cosine"
-    optim: str = "adamw_torch"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    logging_steps: int = 1
-    save_steps: int = 500  # checkpoint every N steps and at the end (0: no checkpoints)
-    save_total_limit: int = 2  # checkpoints kept: the last N, plus the best by eval loss (0: keep all)
-    resume: bool | str = False  # true: from the latest checkpoint in output_dir; a path: from that checkpoint
-    eval_steps: int = 0  # eval loss and perplexity every N steps (0: only at the end)
-    per_device_eval_batch_size: int = 8
-    early_stopping_patience: int = 0  # stop after N evaluations without a lower eval loss (0: never)
-    load_best_model_at_end: bool = False  # the adapter / merged model hold the checkpoint with the lowest eval loss
-    max_bad_steps: int = 5  # stop after N steps in a row with a non-finite loss or gradient norm
-    auto_batch_size: bool = False  # CUDA: lower the micro-batch until a step fits (accumulation makes up the rest)
-    report_to: list[str] = field(default_factory=list)  # tensorboard, wandb (metrics.jsonl is always written)
-    seed: int = 3407
-    gradient_checkpointing: bool | str = True  # true | false | offload (saved layer inputs kept in host memory)
-    gradient_checkpointing_layers: float | str = 1.0  # fraction of layers checkpointed (the rest skip the recompute)
-    # or auto: the fewest that the memory plan fits on this GPU
-    save_merged: bool = False  # also write the merged 16-bit model in Hugging Face layout
-    compare_samples: int = 24  # held-out rows scored before and after training (0 disables)
-    max_new_tokens: int = 32  # generation length for the before/after comparison
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    strategy: str = "auto"  # auto | ddp | fsdp: how N processes share the model (auto: ddp if it fits each GPU)
-    fsdp_offload_params: bool = False  # fsdp: sharded weights, gradients and optimizer state live in host memory
+    model_name_or_path: str | None = setting(
+        None, "model to fine-tune: HF directory, .gguf file or hub id (unset: the embedded SmolLM2-135M-Instruct)"
+    )
+    output_dir: str | None = setting(
+        None, "run directory for checkpoints, adapter and metrics (unset: runs/<model>-<timestamp>)"
+    )
+    finetuning: str = setting(
+        "lora",
+        "what trains: LoRA adapters, every weight, or partial: the top train_layers layers, final norm, lm_head",
+        FINETUNING,
+    )
+    train_layers: float = setting(
+        0, "finetuning partial: how many top decoder layers train (>= 1), or a fraction of them (< 1)"
+    )
+    dtype: str = setting("auto", "precision of weights and compute (auto: bfloat16 on CUDA, float32 on CPU)", DTYPES)
+    load_in_4bit: bool = setting(False, "NF4 base weights (QLoRA); bitsandbytes 4-bit checkpoints load as stored")
+    load_in_8bit: bool = setting(False, "int8 base weights")
+    learning_rate: float = setting(2e-4, "peak learning rate, reached after warm-up")
+    per_device_train_batch_size: int = setting(4, "rows per micro-batch on each process")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step")
+    max_steps: int = setting(-1, "optimizer steps to train (-1: num_train_epochs decides)")
+    num_train_epochs: float = setting(1.0, "passes over the training rows, when max_steps is -1")
+    warmup_steps: int = setting(0, "steps of linear warm-up from 0 to learning_rate")
+    warmup_ratio: float = setting(0.0, "warm-up as a fraction of all steps, when warmup_steps is 0")
+    lr_scheduler_type: str = setting("cosine", "learning-rate schedule after warm-up", SCHEDULERS)
+    optim: str = setting("adamw_torch", "optimizer (adamw_8bit: 8-bit AdamW states)", OPTIMIZERS)
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    adam_beta1: float = setting(0.9, "AdamW beta1")
+    adam_beta2: float = setting(0.999, "AdamW beta2")
+    adam_epsilon: float = setting(1e-8, "AdamW epsilon")
+    max_grad_norm: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
+    logging_steps: int = setting(1, "log loss and learning rate every N steps")
+    save_steps: int = setting(500, "checkpoint every N steps and at the end (0: no checkpoints)")
+    save_total_limit: int = setting(2, "checkpoints kept: the last N, plus the best by eval loss (0: keep all)")
+    resume: bool | str = setting(
+        False, "true: continue from the latest checkpoint in output_dir; a path: from that checkpoint"
+    )
+    eval_steps: int = setting(0, "eval loss and perplexity every N steps (0: only at the end)")
+    per_device_eval_batch_size: int = setting(8, "rows per evaluation batch on each process")
+    early_stopping_patience: int = setting(0, "stop after N evaluations without a lower eval loss (0: never)")
+    load_best_model_at_end: bool = setting(
+        False, "the adapter / merged model hold the checkpoint with the lowest eval loss"
+    )
+    max_bad_steps: int = setting(5, "stop after N steps in a row with a non-finite loss or gradient norm")
+    auto_batch_size: bool = setting(
+        False, "CUDA: lower the micro-batch until a step fits (accumulation makes up the rest)"
+    )
+    report_to: list[str] = setting([], "also log to these (metrics.jsonl is always written)", REPORT_TO)
+    seed: int = setting(3407, "seed of LoRA's initial weights, the data order and dropout")
+    gradient_checkpointing: bool | str = setting(
+        True,
+        "recompute layers in backward to save memory; offload also keeps their saved inputs in host memory",
+        ("true", "false", "offload"),
+    )
+    gradient_checkpointing_layers: float | str = setting(
+        1.0,
+        "fraction of decoder layers checkpointed (the rest skip the recompute), or auto: the fewest that fit this GPU",
+    )
+    save_merged: bool = setting(False, "also write the merged 16-bit model in Hugging Face layout")
+    compare_samples: int = setting(24, "held-out rows answered before and after training (0: no comparison)")
+    max_new_tokens: int = setting(32, "answer length in tokens for the before/after comparison")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N (auto: cuda when available)")
+    strategy: str = setting(
+        "auto",
+        "how --nproc processes share the model: ddp (a copy each) or fsdp (sharded); auto: ddp if it fits each GPU",
+        STRATEGIES,
+    )
+    fsdp_offload_params: bool = setting(
+        False, "fsdp: sharded weights, gradients and optimizer state live in host memory"
+    )
 
     @property
     def quantization(self) -> str | None:
@@ -194,6 +223,15 @@ class RunConfig:
             out[key] = getattr(getattr(self, section), name)
         return out
 
+
+# The --help lines of the LoRA keys: LoRAConfig keeps PEFT's field names and carries no help of its own.
+LORA_HELP = {
+    "lora_r": "rank of the LoRA matrices",
+    "lora_alpha": "LoRA updates are scaled by lora_alpha / lora_r (by lora_alpha / sqrt(lora_r) with use_rslora)",
+    "lora_dropout": "dropout on the input of the LoRA path",
+    "target_modules": "linear layers that get LoRA, by name (all-linear: the attention and MLP projections)",
+    "use_rslora": "rank-stabilised scaling, lora_alpha / sqrt(lora_r)",
+}
 
 # flat key -> (section, field); the LoRA and data keys carry PEFT / common SFT names
 KEYS: dict[str, tuple[str, str]] = {f.name: ("train", f.name) for f in dataclasses.fields(TrainConfig)}
