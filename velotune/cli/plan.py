@@ -5,12 +5,25 @@ model's config.json / GGUF metadata is read, never its weights."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
+from velotune.errors import ConfigError
 from velotune.train.config import load_yaml, run_config_from_dict, with_defaults
 
 ACCEPTS_OVERRIDES = True
+MiB = 2**20
+# Cards people name besides those of the planner's table (train.memory.GPUS), with the memory each reports.
+MORE_GPUS = {
+    "RTX3090": 24576 * MiB,
+    "L4": 23034 * MiB,
+    "A10G": 23028 * MiB,
+    "V100-16GB": 16160 * MiB,
+    "V100-32GB": 32510 * MiB,
+}
+# Names that leave the memory size out: the smaller card (what fits it fits the larger one)
+GPU_ALIASES = {"A100": "A100-40GB", "V100": "V100-16GB", "H100-80GB": "H100", "H200-141GB": "H200"}
 
 
 def add_parser(sub: Any) -> None:
@@ -21,8 +34,13 @@ def add_parser(sub: Any) -> None:
         "are loaded), say whether it fits the GPU, and recommend the fastest micro-batch, accumulation, "
         "checkpointing and 4-bit setting that does. Config keys can be overridden with --key value.",
     )
-    p.usage = "velotune plan CONFIG [--gpu 24GB|T4|RTX4090|A100-40GB|A100-80GB|H100|H200] [--key value ...]"
-    p.add_argument("--gpu", default=None, help="the GPU to plan for (default: this machine's, else all known)")
+    p.usage = "velotune plan CONFIG [--gpu NAME|SIZE] [--key value ...]"
+    p.add_argument(
+        "--gpu",
+        default=None,
+        help="the GPU to plan for, by name (RTX 4090, 3090, A100, a100-80gb: case, spaces and dashes do not matter) "
+        "or memory size (24GB); default: this machine's, else all known",
+    )
 
 
 def _values(config: str | None, extra: list[str]) -> dict[str, Any]:
@@ -37,13 +55,41 @@ def _values(config: str | None, extra: list[str]) -> dict[str, Any]:
     return with_defaults(values)
 
 
+def _name_key(name: str) -> str:
+    """A card name without case, spaces, dashes, vendor or RTX prefix, and with G for GB: "NVIDIA RTX 4090" and
+    "4090" meet, as do "A100 80G" and "a100-80gb"."""
+    key = re.sub(r"[\s_-]", "", name.lower())
+    for prefix in ("nvidia", "geforce", "tesla", "rtx"):
+        key = key.removeprefix(prefix)
+    return re.sub(r"(\d)(?:gb|gib)$", r"\1g", key)
+
+
+def resolve_gpu(text: str) -> tuple[str, int]:
+    """(name, bytes) for a card name or a memory size; ConfigError listing the names otherwise."""
+    from velotune.train.memory import GPUS, parse_gpu
+
+    cards = GPUS | MORE_GPUS
+    names = {_name_key(n): n for n in cards} | {_name_key(a): n for a, n in GPU_ALIASES.items()}
+    key = _name_key(text)
+    if key in names:
+        return names[key], cards[names[key]]
+    try:
+        return parse_gpu(text)
+    except ConfigError:
+        known = ", ".join(sorted(cards, key=cards.get))
+        raise ConfigError(
+            f"--gpu {text!r}: not a card velotune knows; give its memory size (e.g. 24GB) or one of: {known}, A100, "
+            f"V100 (case, spaces and dashes do not matter)"
+        ) from None
+
+
 def _gpus(choice: str | None) -> list[tuple[str, int]]:
     import torch
 
-    from velotune.train.memory import GPUS, parse_gpu
+    from velotune.train.memory import GPUS
 
     if choice:
-        return [parse_gpu(choice)]
+        return [resolve_gpu(choice)]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return [(props.name, props.total_memory)]
@@ -61,6 +107,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         usable_bytes,
     )
 
+    gpus = _gpus(args.gpu)  # a bad --gpu is reported before anything is read or printed
     config = extra.pop(0) if extra and not extra[0].startswith("--") else None
     cfg = run_config_from_dict(_values(config, extra), source=config or "command line")
     model, where = read_model_config(cfg.train.model_name_or_path)
@@ -73,7 +120,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         f"(gradient_accumulation_steps {cfg.train.gradient_accumulation_steps}), {cfg.train.optim}"
     )
     print(est.table())
-    gpus = _gpus(args.gpu)
     for name, capacity in gpus:
         usable = usable_bytes(capacity)
         verdict = "fits" if est.total <= usable else "does NOT fit"
