@@ -53,6 +53,78 @@ class KVCache:
         return k, v
 
 
+class StaticKVCache:
+    """Keys and values preallocated for a whole generation request, [B, Hk, max_len, D] per layer, written in place.
+
+    `filled` [B, max_len] is False on left-padding slots. Every row advances by the same number of slots per forward,
+    so the write position is one host integer (`length`, advanced when the last layer has written) and the masks
+    are built without reading a tensor back. With `slot` set (a device tensor: CUDA-graph decoding) a one-token
+    forward writes at that slot and attends to the first `attend` slots, so one captured graph serves many steps.
+    """
+
+    def __init__(
+        self, keys: list[torch.Tensor], values: list[torch.Tensor], filled: torch.Tensor, padded: bool
+    ) -> None:
+        self.keys, self.values, self.filled = keys, values, filled
+        self.padded = padded  # some slot before `length` is padding: the forward needs masks
+        self.length = 0
+        self.slot: torch.Tensor | None = None
+        self.attend = 0
+
+    @classmethod
+    def allocate(
+        cls, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> StaticKVCache:
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        return cls(keys, values, torch.ones(batch, max_len, dtype=torch.bool, device=device), padded=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.filled.shape[1]
+
+    def rows(self, index: slice) -> StaticKVCache:
+        """A view of some rows (a prefill chunk); what it writes lands in this cache."""
+        view = StaticKVCache(
+            [k[index] for k in self.keys], [v[index] for v in self.values], self.filled[index], self.padded
+        )
+        view.length = self.length
+        return view
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` [R'] (in that order), one layer at a time: finished rows stop costing work."""
+        for i in range(len(self.keys)):
+            self.keys[i], self.values[i] = self.keys[i][rows], self.values[i][rows]
+        self.filled = self.filled[rows]
+
+    def update(self, idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        if self.slot is not None:
+            self.keys[idx].index_copy_(2, self.slot, k)
+            self.values[idx].index_copy_(2, self.slot, v)
+            end = self.attend
+        else:
+            s = self.length
+            self.keys[idx][:, :, s : s + t] = k
+            self.values[idx][:, :, s : s + t] = v
+            end = s + t
+        if idx == len(self.keys) - 1:
+            self.length += t
+        return self.keys[idx][:, :, :end], self.values[idx][:, :, :end]
+
+    def masks(self, cfg: ModelConfig, position_ids: torch.Tensor, q_len: int) -> AttentionMasks:
+        """This forward's masks from `filled` and host positions (or the device slot), without a host sync."""
+        if self.slot is None:
+            k_len = self.length + q_len
+            mask = self.filled[:, :k_len] if self.padded else None
+            return build_masks(cfg, position_ids, mask, q_len, k_len, given_positions=False, padded=self.padded)
+        ki = torch.arange(self.attend, device=self.filled.device)  # [K] slot of each key
+        full = self.filled[:, : self.attend] & (ki <= self.slot)  # [B, K] written slots up to the query's
+        sliding = full & (ki > self.slot - cfg.sliding_window) if cfg.sliding_window else None
+        return AttentionMasks(full[:, None, None], None if sliding is None else sliding[:, None, None], causal=False)
+
+
 @dataclass
 class AttentionMasks:
     """Per-forward masks: `full` for global layers, `sliding` for sliding-window layers (None = plain causal)."""
@@ -84,7 +156,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         masks: AttentionMasks,
-        cache: KVCache | None,
+        cache: KVCache | StaticKVCache | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
@@ -150,7 +222,7 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         masks: AttentionMasks,
-        cache: KVCache | None,
+        cache: KVCache | StaticKVCache | None,
         need_output: bool = True,
     ) -> torch.Tensor:
         """need_output=False: the output's value is not needed, only its graph (checkpoint recomputation)."""
@@ -195,13 +267,16 @@ def build_masks(
     q_len: int,
     k_len: int,
     given_positions: bool = True,
+    padded: bool | None = None,
 ) -> AttentionMasks:
     """Boolean masks for this forward, or None where plain causal attention (the fast path) is exact.
 
-    Packed sequences are recognised by position ids that restart at 0; padding by zeros in attention_mask;
-    sliding layers need a mask only when the sequence is longer than the window.
+    Packed sequences are recognised by position ids that restart at 0; padding by zeros in attention_mask (or by
+    `padded`, when the caller knows, saving a host sync); sliding layers need a mask only when the sequence is longer
+    than the window.
     """
-    padded = attention_mask is not None and not bool(attention_mask.all())
+    if padded is None:
+        padded = attention_mask is not None and not bool(attention_mask.all())
     packed = given_positions and q_len == k_len and q_len > 1 and bool((position_ids[:, 1:] == 0).any())
     window = cfg.sliding_window if cfg.sliding_window and k_len > cfg.sliding_window else None
     if q_len == 1 and not padded and window is None:
@@ -276,7 +351,7 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, H] for input_ids [B, T]."""
         b, t = input_ids.shape
@@ -287,7 +362,10 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [B, T, H]
         if self.config.embedding_scale is not None:
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
-        masks = build_masks(self.config, position_ids, attention_mask, t, past + t, given_positions)
+        if isinstance(cache, StaticKVCache):
+            masks = cache.masks(self.config, position_ids, t)
+        else:
+            masks = build_masks(self.config, position_ids, attention_mask, t, past + t, given_positions)
         tables: dict = {}
         mode = self.checkpoint_mode if self.training and torch.is_grad_enabled() else None
         which = checkpointed_layers(len(self.model.layers), self.checkpoint_layers) if mode else []
@@ -311,7 +389,7 @@ class CausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         return_logits: bool | None = None,
         logits_to_keep: int = 0,
         return_logps: bool = False,
