@@ -227,6 +227,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     config = extra.pop(0) if extra and not extra[0].startswith("--") else None
     original = list(extra)
     cfg = run_config_from_dict(resolve_values(config, extra), source=config or "command line")
+    if not cfg.train.output_dir:  # the directory is fixed now: config.yaml, torchrun's processes and resume see it
+        from velotune.train.run import run_dir_for
+
+        cfg.train.output_dir = str(run_dir_for(cfg))
+        original += ["--output_dir", cfg.train.output_dir]
     code = _launch(args, config, original, cfg)
     if code is not None:
         return code
@@ -240,6 +245,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"\nvelotune: {stop}", file=sys.stderr)
         print(f"resume with:\n  {resume_command(config, original, run_dir, args.no_progress)}", file=sys.stderr)
         return 128 + stop.signum
+    except KeyboardInterrupt:  # before training started (loading, tokenizing, the before-answers)
+        _interrupted_early(Path(cfg.train.output_dir), config, original, args.no_progress)
+        return 130
     except Exception as exc:
         if launched_by_torchrun():  # one line naming the rank; torchrun then stops the other processes
             rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
@@ -248,6 +256,28 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     rank0_only(_report, result, cfg)
     shutdown()
     return 0
+
+
+def _interrupted_early(run_dir: Path, config: str | None, extra: list[str], no_progress: bool) -> None:
+    """Ctrl-C outside the training loop: the resume command when a checkpoint exists; otherwise say that nothing
+    was trained, and remove a run directory that holds nothing but its config."""
+    from velotune.train.checkpoint import list_checkpoints
+
+    if run_dir.is_dir() and list_checkpoints(run_dir):
+        print(
+            f"\nvelotune: interrupted; resume with:\n  {resume_command(config, extra, run_dir, no_progress)}",
+            file=sys.stderr,
+        )
+        return
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"config.yaml", "metrics.jsonl"}:
+        for p in run_dir.iterdir():
+            p.unlink()
+        run_dir.rmdir()
+    print(
+        "\nvelotune: interrupted before the first training step; nothing was trained or saved (run the same "
+        "command again to start over)",
+        file=sys.stderr,
+    )
 
 
 def _report(result: Any, cfg: Any) -> None:
@@ -261,6 +291,12 @@ def _report(result: Any, cfg: Any) -> None:
         print(f"stopped early (early_stopping_patience); best checkpoint: {tr.best_checkpoint}")
     if result.eval_loss is not None:
         print(f"eval loss {result.eval_loss:.4f}")
+    if result.preference_before and result.preference_after:
+        b, a = result.preference_before, result.preference_after
+        print("\nbefore/after on the held-out pairs (chosen log-prob above rejected; reward margin vs the reference):")
+        for name, m in (("base", b), ("tuned", a)):
+            acc, margin = m.get("eval_preference_accuracy", 0.0), m.get("eval_rewards/margins", 0.0)
+            print(f"  {name:<5} preference accuracy {acc:.0%}, reward margin {margin:+.3f}")
     if result.before and result.after:
         b, a = result.before, result.after
         print(f"\nbefore/after on {b.total} held-out prompts (exact match):")

@@ -27,6 +27,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 FINETUNING = ("lora", "full", "partial")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
 STRATEGIES = ("auto", "ddp", "fsdp")  # distributed.STRATEGIES
+METHODS = ("sft", "dpo", "orpo", "simpo")  # objectives.METHODS
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+TRUNCATION_MODES = ("keep_end", "keep_start")
 PACKAGE_DATA = Path(__file__).resolve().parents[1] / "datasets"
 
 
@@ -104,6 +107,27 @@ class TrainConfig:
     fsdp_offload_params: bool = setting(
         False, "fsdp: sharded weights, gradients and optimizer state live in host memory"
     )
+    method: str = setting(
+        "sft", "training objective: sft, or dpo / orpo / simpo on prompt / chosen / rejected pairs", METHODS
+    )
+    beta: float = setting(
+        0.1, "dpo: how far from the reference (smaller: further); orpo: odds-ratio weight; simpo: scale"
+    )
+    loss_type: str = setting("sigmoid", "dpo: the loss on the reward margin", DPO_LOSS_TYPES)
+    label_smoothing: float = setting(0.0, "dpo / simpo: assumed share of pairs whose preference is flipped (cDPO)")
+    simpo_gamma: float = setting(0.5, "simpo: the reward margin aimed for")
+    precompute_ref_log_probs: bool = setting(
+        False, "dpo: reference log-probs in one pass before training, none per step"
+    )
+    max_prompt_length: int = setting(
+        512, "dpo / orpo / simpo: prompts longer than this are truncated (truncation_mode)"
+    )
+    truncation_mode: str = setting(
+        "keep_end", "keep_end: cut the prompt's start; keep_start: cut its end", TRUNCATION_MODES
+    )
+    adapter: str | None = setting(
+        None, "start from this PEFT adapter (an SFT run dir or its adapter/); dpo: the reference"
+    )
 
     @property
     def quantization(self) -> str | None:
@@ -115,6 +139,15 @@ class TrainConfig:
         _choice("dtype", self.dtype, DTYPES)
         _choice("finetuning", self.finetuning, FINETUNING)
         _choice("strategy", self.strategy, STRATEGIES)
+        _choice("method", self.method, METHODS)
+        _choice("loss_type", self.loss_type, DPO_LOSS_TYPES)
+        _choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.adapter and self.finetuning != "lora":
+            raise ConfigError(f"adapter continues a LoRA adapter, but finetuning is {self.finetuning}; drop one")
         if self.fsdp_offload_params and self.strategy != "fsdp":
             raise ConfigError(
                 f"fsdp_offload_params keeps FSDP's shards in host memory, but strategy is {self.strategy}; "
@@ -259,7 +292,12 @@ KEYS.update(
         "dataset_num_proc": ("data", "num_proc"),
     }
 )
-ALIASES = {"model": "model_name_or_path", "r": "lora_r", "lora_target_modules": "target_modules"}
+ALIASES = {
+    "model": "model_name_or_path",
+    "r": "lora_r",
+    "lora_target_modules": "target_modules",
+    "max_length": "max_seq_length",  # TRL's DPOConfig name
+}
 KEYS.update({alias: KEYS[target] for alias, target in ALIASES.items()})
 SECTIONS = {"train": TrainConfig, "lora": LoRAConfig, "data": DataConfig}
 
@@ -340,6 +378,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def with_defaults(values: dict[str, Any]) -> dict[str, Any]:
     """Without a dataset, the run trains the bundled ISO-date task (the demo that `velotune train` runs)."""
     out = dict(values)
+    if "dataset" not in out and out.get("method", "sft") != "sft":  # the preference demo: the same task as pairs
+        out["dataset"] = str(PACKAGE_DATA / "iso_dates_pref.jsonl")
+        out.setdefault("eval_dataset", str(PACKAGE_DATA / "iso_dates_pref_eval.jsonl"))
+        out.setdefault("max_steps", 30)
+        out.setdefault("gradient_checkpointing", False)
+        out.setdefault("per_device_train_batch_size", 8)
+        out.setdefault("learning_rate", 5e-4)
+        out.setdefault("warmup_steps", 3)
+        out.setdefault("max_seq_length", 256)
+        return out
     if "dataset" not in out:
         out["dataset"] = str(PACKAGE_DATA / "iso_dates.jsonl")
         out.setdefault("eval_dataset", str(PACKAGE_DATA / "iso_dates_eval.jsonl"))

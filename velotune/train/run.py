@@ -17,7 +17,7 @@ import yaml
 from velotune.data import build_datasets
 from velotune.errors import ConfigError, DataError
 from velotune.lora.apply import get_peft_model, merge_lora
-from velotune.lora.peft_format import save_adapter
+from velotune.lora.peft_format import load_adapter, save_adapter
 from velotune.models.decoder import CausalLM, num_parameters
 from velotune.quant.loading import load_quantized
 from velotune.train.checkpoint import METRICS, config_differences, find_checkpoint, saved_config
@@ -33,7 +33,7 @@ from velotune.train.distributed import (
 )
 from velotune.train.explain import explain_untrainable
 from velotune.train.faults import Faults
-from velotune.train.loop import Trainer, TrainResult, evaluate_loss
+from velotune.train.loop import Trainer, TrainResult
 from velotune.train.memory import (
     GiB,
     estimate,
@@ -43,6 +43,7 @@ from velotune.train.memory import (
     setting_for,
     usable_bytes,
 )
+from velotune.train.objectives import build_objective
 from velotune.train.report import MetricsLog, open_integrations, plot_metrics
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,11 +71,29 @@ def run_dir_for(cfg: RunConfig) -> Path:
 
 
 def check_paths(cfg: RunConfig) -> None:
-    """Fail on a missing, empty or malformed dataset file (its first rows, read as training reads them) before
-    spending time loading the model."""
+    """Fail on a missing, empty or malformed dataset file (its first rows, read as training reads them), or on data
+    of the wrong kind for the method, before spending time loading the model."""
     from velotune.data import check_files
+    from velotune.data.preference import check_preference_files
 
-    check_files(cfg.data)
+    if cfg.train.method == "sft":
+        check_files(cfg.data)
+    else:
+        check_preference_files(cfg.data)
+    if cfg.train.adapter:
+        adapter_dir(cfg.train.adapter)
+
+
+def adapter_dir(path: str) -> Path:
+    """The PEFT adapter directory that `adapter` names: a run directory (its adapter/) or the adapter itself."""
+    p = Path(path)
+    for candidate in (p, p / "adapter"):
+        if (candidate / "adapter_config.json").exists():
+            return candidate
+    raise ConfigError(
+        f"adapter {path!r}: no adapter_config.json there or in {p / 'adapter'}; give a velotune run directory or a "
+        "PEFT adapter directory"
+    )
 
 
 def freeze_for_partial(model: CausalLM, train_layers: float) -> int:
@@ -92,7 +111,10 @@ def prepare_model(
 ) -> None:
     """LoRA, partial or full fine-tuning, and activation checkpointing, as the config says (`device`: the GPU that
     gradient_checkpointing_layers: auto plans for; default the model's)."""
-    if cfg.train.finetuning == "lora":
+    if cfg.train.finetuning == "lora" and cfg.train.adapter:
+        load_adapter(model, adapter_dir(cfg.train.adapter))  # its r, alpha and targets; trained further
+        log(f"adapter: continuing {adapter_dir(cfg.train.adapter)}")
+    elif cfg.train.finetuning == "lora":
         get_peft_model(model, cfg.lora)
     elif cfg.train.finetuning == "partial":
         n = freeze_for_partial(model, cfg.train.train_layers)
@@ -120,7 +142,13 @@ def check_resume(checkpoint: Path, resolved: dict[str, Any], log: Callable[[str]
 
 
 def load_data(cfg: RunConfig, tok: Any) -> tuple[Any, Any]:
-    """Train and eval datasets; a dataset with nothing to train on fails with the example that shows why."""
+    """Train and eval datasets (SFT examples, or preference pairs for dpo / orpo / simpo); an SFT dataset with
+    nothing to train on fails with the example that shows why."""
+    if cfg.train.method != "sft":
+        from velotune.data.preference import build_preference_datasets
+
+        t = cfg.train
+        return build_preference_datasets(cfg.data, tok, None, t.max_prompt_length, t.truncation_mode)
     try:
         return build_datasets(cfg.data, tok)
     except DataError as exc:
@@ -141,6 +169,8 @@ class RunResult:
     peak_memory: int | None = None  # bytes, CUDA only
     planned_memory: int | None = None
     plot_note: str = ""
+    preference_before: dict | None = None  # dpo / orpo / simpo: eval metrics before and after training
+    preference_after: dict | None = None
 
 
 def _strategy(cfg: RunConfig, env: Any, device: torch.device, log: Callable[[str], Any]) -> str:
@@ -197,6 +227,7 @@ def run(
     run_dir = resume_from.parent if resume_from and not cfg.train.output_dir else run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = cfg.to_flat() | {"model_name_or_path": getattr(model, "source", cfg.train.model_name_or_path)}
+    resolved["output_dir"] = str(run_dir)  # the directory actually used, so `--resume` finds it
     if resume_from:
         check_resume(resume_from, resolved, log)
         log(f"resuming from {resume_from}")
@@ -216,9 +247,11 @@ def run(
     name = resolved["model_name_or_path"]
     log(f"model {name} on {device} ({dtype}{quant}): {trainable:,} of {total:,} parameters train")
 
-    samples = held_out_samples(cfg.data, cfg.train.compare_samples)
-    before = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
     pad_id = tok.pad_token_id
+    objective = build_objective(cfg.train)
+    samples = held_out_samples(cfg.data, cfg.train.compare_samples) if cfg.train.method == "sft" else []
+    before = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
+    pref_before = _preference_score(objective, model, eval_ds, pad_id, cfg, log) if cfg.train.method != "sft" else None
     integrations = open_integrations(cfg.train.report_to, run_dir, resolved, log) if env.is_main else []
     trainer = Trainer(
         model,
@@ -231,7 +264,8 @@ def run(
         progress,
         eval_examples=eval_ds if cfg.train.eval_steps and eval_ds is not None and len(eval_ds) else None,
         config=resolved,
-        faults=faults,
+        objective=objective,
+        callbacks=[faults] if faults else (),
         integrations=integrations,
         log=log,
         parallel=parallel,
@@ -246,17 +280,30 @@ def run(
         log(f"peak GPU memory {peak / GiB:.2f} GiB (planned {planned / GiB:.2f} GiB, {error:+.0f}%)")
     if cfg.train.load_best_model_at_end:
         _load_best(model, run_dir, result, log)
-    eval_loss = _final_eval(model, eval_ds, pad_id, cfg, result, run_dir)
+    eval_loss = _final_eval(objective, eval_ds, pad_id, cfg, result, run_dir)
     after = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
+    pref_after = _preference_score(objective, model, eval_ds, pad_id, cfg, log) if pref_before is not None else None
 
     saved, weights, merged = model, None, True
     if env.distributed and strategy == "fsdp":  # rank 0 saves from gathered whole tensors
         saved, weights, merged = _gathered_for_saving(model, cfg, log)
     rank0_only(_save_outputs, saved, tok, cfg, run_dir, resolved["model_name_or_path"], dtype, weights, merged)
     out = RunResult(run_dir, result, before, after, eval_loss, resume_from, peak, planned)
+    out.preference_before, out.preference_after = pref_before, pref_after
     out.plot_note = rank0_only(plot_metrics, run_dir / METRICS, run_dir / "training_curves.png") or ""
     rank0_only((run_dir / "summary.json").write_text, json.dumps(_summary(out), indent=2))
     return out
+
+
+def _preference_score(
+    objective: Any, model: CausalLM, eval_ds: Any, pad_id: int, cfg: RunConfig, log: Callable[[str], Any]
+) -> dict | None:
+    """Preference accuracy (chosen log-prob above rejected) and margins on the held-out pairs, or None without."""
+    if eval_ds is None or not len(eval_ds) or cfg.train.compare_samples <= 0:
+        return None
+    if getattr(objective, "model", None) is None:  # before training; afterwards the reference must stay the start
+        objective.setup(model)
+    return objective.evaluate(list(eval_ds), pad_id, cfg.train.per_device_eval_batch_size)
 
 
 def _same_structure(model: CausalLM, cfg: RunConfig) -> CausalLM:
@@ -285,16 +332,17 @@ def _load_best(model: CausalLM, run_dir: Path, result: TrainResult, log: Callabl
     log(f"load_best_model_at_end: the outputs hold {best.name}, the lowest eval loss")
 
 
-def _final_eval(model: CausalLM, eval_ds: Any, pad_id: int, cfg: RunConfig, result: TrainResult, run_dir: Path):
-    """Eval loss after training, also written as a metrics.jsonl row (unless the last step's periodic evaluation
-    wrote one), so the curves PNG shows the eval loss the run prints."""
+def _final_eval(objective: Any, eval_ds: Any, pad_id: int, cfg: RunConfig, result: TrainResult, run_dir: Path):
+    """Eval loss after training (the objective's), also written as a metrics.jsonl row (unless the last step's
+    periodic evaluation wrote one), so the curves PNG shows the eval loss the run prints."""
     if eval_ds is None or not len(eval_ds):
         return None
-    loss = evaluate_loss(model, eval_ds, pad_id, cfg.train.per_device_eval_batch_size)
+    metrics = objective.evaluate(eval_ds, pad_id, cfg.train.per_device_eval_batch_size)
+    loss = metrics["eval_loss"]
     every = cfg.train.eval_steps
     if not every or result.steps % every:
-        row = {"step": result.steps, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-        rank0_only(_write_metrics, run_dir, row)
+        ppl = {"eval_ppl": math.exp(min(loss, 50.0))} if cfg.train.method == "sft" else {}
+        rank0_only(_write_metrics, run_dir, {"step": result.steps} | metrics | ppl)
     return loss
 
 
@@ -362,6 +410,8 @@ def _summary(out: RunResult) -> dict[str, Any]:
     if out.peak_memory is not None:
         summary["peak_gpu_memory_gib"] = round(out.peak_memory / GiB, 3)
         summary["planned_gpu_memory_gib"] = round((out.planned_memory or 0) / GiB, 3)
+    if out.preference_before and out.preference_after:
+        summary["preference_before"], summary["preference_after"] = out.preference_before, out.preference_after
     if out.before and out.after:
         summary["before"] = {"correct": out.before.correct, "total": out.before.total, "answers": out.before.answers}
         summary["after"] = {"correct": out.after.correct, "total": out.after.total, "answers": out.after.answers}

@@ -91,6 +91,7 @@ class PreferenceObjective(Objective):
             "rewards/margins": float((chosen - rejected).sum()),
             "rewards/accuracies": float((chosen > rejected).float().sum()),
             "logps/chosen": float(pc.sum()),
+            "preference_accuracy": float((pc > pr).float().sum()),  # the policy alone prefers the chosen answer
             "logps/rejected": float(pr.sum()),
         }
 
