@@ -87,7 +87,8 @@ def histogram_figure(lengths: np.ndarray, max_seq_length: int, title: str = ""):
     low, high = (int(lengths.min()), int(lengths.max())) if len(lengths) else (0, 1)
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
-    ax.hist(lengths, bins=min(60, max(10, len(np.unique(lengths)))), color="#4c72b0")
+    bins = np.arange(low, high + 2) - 0.5 if high - low < 60 else 60  # few lengths: one bar each
+    ax.hist(lengths, bins=bins, color="#4c72b0")
     margin = max(1.0, 0.03 * (high - low))
     ax.set_xlim(max(0.0, low - margin), high + margin)
     label = "tokens per row (before truncation)"
