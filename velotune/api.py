@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from velotune.data import DataConfig, build_datasets
+from velotune.data import DataConfig
 from velotune.errors import ConfigError
 from velotune.lora.apply import merge_lora
 from velotune.lora.peft_format import save_adapter
@@ -39,14 +39,19 @@ def load_model(
 
 
 def fit(model: CausalLM, tokenizer: Any, dataset: str | Path, **kwargs: Any) -> TrainResult:
-    """Train `model` in place on a dataset file; keyword arguments are config keys (learning_rate, max_steps, ...)."""
+    """Train `model` in place on a dataset file; keyword arguments are config keys (learning_rate, max_steps, ...;
+    method="dpo" / "orpo" / "simpo" with beta, loss_type, ... trains on preference pairs)."""
     bad = [k for k in kwargs if k in KEYS and KEYS[k][0] == "lora"]
     if bad:
         raise ConfigError(f"{', '.join(bad)}: LoRA settings belong to get_peft_model(), not fit()")
+    from velotune.train.objectives import build_objective
+    from velotune.train.run import check_paths, load_data
+
     cfg = run_config_from_dict({"dataset": str(dataset), **kwargs}, source="fit()")
     data: DataConfig = cfg.data
     tc: TrainConfig = cfg.train
-    train_ds, _ = build_datasets(data, tokenizer)
+    check_paths(cfg)
+    train_ds, _ = load_data(cfg, tokenizer)
     model.gradient_checkpointing = tc.gradient_checkpointing
     model.checkpoint_layers, why = resolve_checkpoint_layers(cfg, model.config, next(model.parameters()).device)
     if why:
@@ -54,7 +59,16 @@ def fit(model: CausalLM, tokenizer: Any, dataset: str | Path, **kwargs: Any) -> 
     out_dir = Path(tc.output_dir) if tc.output_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, train_ds, tc, tokenizer.pad_token_id, out_dir, data.packing, data.max_seq_length)
+    trainer = Trainer(
+        model,
+        train_ds,
+        tc,
+        tokenizer.pad_token_id,
+        out_dir,
+        data.packing,
+        data.max_seq_length,
+        objective=build_objective(tc),
+    )
     return trainer.train()
 
 

@@ -92,3 +92,22 @@ def test_sigkill_mid_dpo_resumes_with_the_same_loss_curve(tiny_model_dir, pairs_
     assert max(_losses(run)) == 6
     assert _in_process(args + ["--resume"]) == 0
     _assert_same_curve(_losses(run), reference)
+
+
+def test_fit_trains_dpo_through_the_python_api(tiny_model_dir, pairs_file):
+    from velotune import fit, get_peft_model, load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir), device="cpu")
+    model = get_peft_model(model, r=4, lora_alpha=8)
+    result = fit(
+        model,
+        tokenizer,
+        pairs_file,
+        method="dpo",
+        beta=0.5,
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        gradient_checkpointing=False,
+    )
+    assert abs(result.losses[0] - 0.6931) < 1e-3 and result.losses[-1] < result.losses[0]
