@@ -71,7 +71,9 @@ def _name_map(arch: str, hf_names: Iterable[str], num_layers: int) -> dict[str, 
     return out
 
 
-def load_gguf(path: Path, dtype: torch.dtype, device: torch.device | str = "cpu", hook: Any = None) -> CausalLM:
+def load_gguf(
+    path: Path, dtype: torch.dtype, device: torch.device | str = "cpu", hook: Any = None, progress: bool = True
+) -> CausalLM:
     """Build the decoder for a GGUF file and fill it with its dequantized tensors."""
     import gguf
     from tqdm.auto import tqdm
@@ -89,7 +91,7 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device | str = "cpu"
     names = _name_map(arch, spec.fuse(cfg, model.state_dict()), cfg.num_layers)  # fuse: checkpoint layout names
 
     def tensors() -> Any:
-        for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", leave=False):
+        for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", leave=False, disable=not progress):
             if t.name in _META_TENSORS:
                 continue
             name = names.get(t.name, t.name)

@@ -332,13 +332,15 @@ def load_model(
     device: torch.device | str = "cpu",
     hook: TensorHook | None = None,
     with_tokenizer: bool = True,
+    progress: bool = True,
 ) -> tuple[CausalLM, Any]:
-    """(model, tokenizer) from a HF directory, a .gguf file, a hub id, or None for the embedded default."""
+    """(model, tokenizer) from a HF directory, a .gguf file, a hub id, or None for the embedded default; `progress`
+    shows a bar while a GGUF file's tensors are dequantized."""
     path = resolve_source(source)
     if path.is_file() and path.suffix == ".gguf":
         from velotune.models.gguf_import import load_gguf
 
-        model = load_gguf(path, dtype, device, hook)
+        model = load_gguf(path, dtype, device, hook, progress)
         tok = load_tokenizer(path.parent, gguf_file=path.name) if with_tokenizer else None
     elif path.is_dir():
         model = load_hf_dir(path, dtype, device, hook)

@@ -106,11 +106,13 @@ def load_quantized(
     device: torch.device | str = "cpu",
     with_tokenizer: bool = True,
     quantize_on: torch.device | str | None = None,
+    progress: bool = True,
 ) -> tuple[CausalLM, Any]:
     """(model, tokenizer) with decoder-layer linears in `method` (None: 16-bit, but bnb checkpoints still load).
-    quantize_on: where NF4 quantization runs when that is not `device` (a GPU, for a model kept in host memory)."""
+    quantize_on: where NF4 quantization runs when that is not `device` (a GPU, for a model kept in host memory);
+    progress: a loading bar for GGUF files."""
     hook = QuantizingHook(method, dtype, device, quantize_on=quantize_on)
-    model, tok = load_model(source, dtype, device, hook=hook, with_tokenizer=with_tokenizer)
+    model, tok = load_model(source, dtype, device, hook=hook, with_tokenizer=with_tokenizer, progress=progress)
     if hook.pending:
         raise QuantizationError(f"incomplete 4-bit layers in the checkpoint: {', '.join(sorted(hook.pending)[:3])}")
     check_dtype(model.config, dtype)  # Gemma overflows in float16: ask for bfloat16

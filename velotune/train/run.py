@@ -222,7 +222,7 @@ def run(
     load_on = torch.device("cpu") if strategy == "fsdp" else device
     torch.manual_seed(cfg.train.seed)
     model, tok = load_quantized(
-        cfg.train.model_name_or_path, cfg.train.quantization, dtype, load_on, quantize_on=device
+        cfg.train.model_name_or_path, cfg.train.quantization, dtype, load_on, quantize_on=device, progress=progress
     )
     run_dir = resume_from.parent if resume_from and not cfg.train.output_dir else run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
