@@ -1,12 +1,60 @@
-"""Shared fixtures: tiny random Llama checkpoints built with transformers' own classes, and the SmolLM2 GGUF."""
+"""Shared fixtures: tiny random Llama checkpoints built with transformers' own classes, and the SmolLM2 GGUF.
+
+Also the skip policy: a test may skip only because this machine has no CUDA GPU, or because it carries an opt-in
+marker (`gpu`, `llamacpp`) whose packages are not part of the `test` extra. Any other skip (a missing package, a
+missing model package) fails the run, so a fresh `pip install ".[test]"` checks everything it claims to.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
 import torch
+
+ALLOWED_SKIP_REASONS = re.compile(r"\bCUDA\b|\bGPU\b")  # "FlexAttention needs CUDA", "needs a CUDA GPU", ...
+OPT_IN_MARKERS = ("gpu", "llamacpp")  # deselected by default; their own requirements are not in the test extra
+_unexpected_skips: list[str] = []
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    """A module skipped while collected (a module-level importorskip) is never allowed: it hides all its tests."""
+    if report.skipped:
+        _unexpected_skips.append(f"{report.nodeid}: {_skip_reason(report)}")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = _skip_reason(report)
+    if ALLOWED_SKIP_REASONS.search(reason) or any(m in report.keywords for m in OPT_IN_MARKERS):
+        return
+    _unexpected_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _unexpected_skips and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _unexpected_skips:
+        return
+    terminalreporter.section("skipped for a reason other than a missing CUDA GPU", red=True)
+    for line in _unexpected_skips:
+        terminalreporter.line(line)
+    terminalreporter.line(
+        f"{len(_unexpected_skips)} unexpected skip(s) fail the run: install the test requirements as the README "
+        "says, or, for a test that needs a GPU, say CUDA or GPU in its skip reason"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -20,8 +20,11 @@ from gguf import GGMLQuantizationType as T
 
 from velotune.export.gguf import export_gguf
 
-pytestmark = pytest.mark.llamacpp
-llama_cpp = pytest.importorskip("llama_cpp")
+try:
+    import llama_cpp
+except ImportError:  # skip at run time, not at collection: deselected by default, so no skip is reported
+    llama_cpp = None
+pytestmark = [pytest.mark.llamacpp, pytest.mark.skipif(llama_cpp is None, reason="pip install llama-cpp-python")]
 
 IDS = [1, 100, 200, 3000, 45000, 7, 999, 12345]
 FTYPE = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q8_0": 7}  # llama_ftype values

@@ -2,7 +2,7 @@
 
 RMSE bounds were measured on `_gaussian()` (numpy default_rng(0), 256 x 1024 standard normal) with this code:
 Q4_K 0.0713, Q5_K 0.0361, Q6_K 0.0177, Q8_0 0.0054; ggml's own reference quantizer gives the same values to
-four digits (see test_kquants_match_ggml_reference, which runs where ggml-python is installed).
+four digits (see test_kquants_match_ggml_reference, run with -m llamacpp where ggml-python is installed).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def test_zero_and_constant_blocks_round_trip_exactly(qtype):
 
 
 def _ggml_quantize(x: np.ndarray, qtype: T) -> np.ndarray:
-    ggml = pytest.importorskip("ggml")
+    ggml = pytest.importorskip("ggml", reason="pip install ggml-python (compiles ggml)")
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.zeros(x.size // 256 * GGML_QUANT_SIZES[qtype][1], dtype=np.uint8)
     src = x.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
@@ -90,9 +90,11 @@ def _ggml_quantize(x: np.ndarray, qtype: T) -> np.ndarray:
     return out.reshape(x.shape[0], -1)
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("qtype", KQUANTS, ids=lambda t: t.name)
 def test_kquants_match_ggml_reference(qtype):
-    """Against ggml's C quantizer (pip install ggml-python): the same blocks but for near-ties of float sums."""
+    """Against ggml's C quantizer (pip install ggml-python): the same blocks but for near-ties of float sums.
+    Opt-in with the llama.cpp tests: ggml-python has no wheel on PyPI, so installing it compiles ggml."""
     x = np.concatenate([_gaussian(64), 0.02 * _gaussian(64), np.random.default_rng(2).standard_t(3, (64, 1024))])
     x = x.astype(np.float32)
     ref = _ggml_quantize(x, qtype)

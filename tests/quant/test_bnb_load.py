@@ -151,7 +151,7 @@ def test_load_bnb_4bit_layers_reports_mismatched_model():
 
 
 def test_bitsandbytes_linear4bit_checkpoint_loads_with_identical_outputs():
-    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is an optional test-only reference")
+    bnb = pytest.importorskip("bitsandbytes", reason="pip install '.[test]' brings bitsandbytes")
     linear = _layer(in_features=128)
     theirs = bnb.nn.Linear4bit(128, 40, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
     theirs.load_state_dict(linear.state_dict())
@@ -164,7 +164,7 @@ def test_bitsandbytes_linear4bit_checkpoint_loads_with_identical_outputs():
 
 
 def test_our_checkpoint_loads_in_bitsandbytes():
-    bF = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is an optional test-only reference")
+    bF = pytest.importorskip("bitsandbytes.functional", reason="pip install '.[test]' brings bitsandbytes")
     ours = Linear4bit.from_linear(_layer(in_features=128), compute_dtype=torch.float32)
     tensors = bnb_state_dict(ours, "layer.")
     state = bF.QuantState.from_dict(

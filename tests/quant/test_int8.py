@@ -31,7 +31,7 @@ def test_int8_is_rowwise_absmax_rounding(shape):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_int8_matches_bitsandbytes_vectorwise_quant(dtype):
-    bF = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is an optional test-only reference")
+    bF = pytest.importorskip("bitsandbytes.functional", reason="pip install '.[test]' brings bitsandbytes")
     torch.manual_seed(1)
     w = torch.randn(64, 200, dtype=dtype)
     q, scb = quantize_int8(w)

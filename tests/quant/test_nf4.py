@@ -15,7 +15,7 @@ SHAPES = [(64, 128), (40, 96), (33, 17), (7, 9), (1, 1), (3, 200)]  # incl. size
 
 
 def _bnb():
-    return pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is an optional test-only reference")
+    return pytest.importorskip("bitsandbytes.functional", reason="pip install '.[test]' brings bitsandbytes")
 
 
 def test_nf4_code_is_normalfloat_quantiles():
