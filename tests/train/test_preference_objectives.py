@@ -367,11 +367,6 @@ def test_simpo_loss_and_gradients_equal_trl_cpo_simpo_and_the_formula(tmp_path):
     assert not torch.allclose(other, loss, rtol=1e-3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ORPO and SimPO log logps/chosen and logps/rejected as summed log-probs; TRL's ORPOTrainer and "
-    "CPOTrainer (simpo) log the length-averaged ones their rewards use (velotune bug, reported)",
-)
 @pytest.mark.parametrize("make", [lambda: ORPO(beta=0.5), lambda: SimPO()], ids=["orpo", "simpo"])
 def test_reference_free_objectives_log_length_averaged_logps_like_trl(tiny_hf_llama, make):
     model = ours_from(tiny_hf_llama)

@@ -81,24 +81,30 @@ class PreferenceObjective(Objective):
         out = module(**inputs, return_logps=True)
         return out.logps, out.num_targets_per_row
 
-    def _pair_metrics(self, chosen: torch.Tensor, rejected: torch.Tensor, logps: torch.Tensor) -> dict[str, float]:
-        """Sums over the pairs: rewards (chosen, rejected, margins, accuracies) and the policy's log-probs."""
+    def _pair_metrics(
+        self, chosen: torch.Tensor, rejected: torch.Tensor, logps: torch.Tensor, summed: torch.Tensor
+    ) -> dict[str, float]:
+        """Sums over the pairs: rewards (chosen, rejected, margins, accuracies), the policy's log-probs as TRL logs
+        them (`logps`: summed for DPO, length-averaged for ORPO / SimPO) and whether the policy alone prefers the
+        chosen answer (`summed` log-probs)."""
         chosen, rejected, logps = chosen.detach(), rejected.detach(), logps.detach()
         pc, pr = logps.chunk(2)
+        sc, sr = summed.detach().chunk(2)
         return {
             "rewards/chosen": float(chosen.sum()),
             "rewards/rejected": float(rejected.sum()),
             "rewards/margins": float((chosen - rejected).sum()),
             "rewards/accuracies": float((chosen > rejected).float().sum()),
             "logps/chosen": float(pc.sum()),
-            "preference_accuracy": float((pc > pr).float().sum()),  # the policy alone prefers the chosen answer
+            "preference_accuracy": float((sc > sr).float().sum()),
             "logps/rejected": float(pr.sum()),
         }
 
 
 class DPO(PreferenceObjective):
-    """Direct Preference Optimization (Rafailov et al. 2023) with TRL's loss types sigmoid (label_smoothing: the
-    conservative cDPO), hinge (SLiC) and ipo (length-normalised, as TRL)."""
+    """Direct Preference Optimization (Rafailov et al. 2023) with TRL's loss types sigmoid, hinge (SLiC) and ipo
+    (length-normalised, as TRL). label_smoothing with sigmoid is the conservative cDPO of the paper's note and of
+    earlier TRL releases; TRL 1.16 ignores label_smoothing for sigmoid."""
 
     name = "dpo"
 
@@ -180,14 +186,15 @@ class DPO(PreferenceObjective):
             else:
                 eps = self.label_smoothing
                 per_pair = -F.logsigmoid(z) * (1 - eps) - F.logsigmoid(-z) * eps
-        metrics = self._pair_metrics(self.beta * chosen_ratio, self.beta * rejected_ratio, logps)
+        metrics = self._pair_metrics(self.beta * chosen_ratio, self.beta * rejected_ratio, logps, logps)
         return per_pair.sum() / totals["pairs"], metrics
 
 
 class ORPO(PreferenceObjective):
     """Odds Ratio Preference Optimization (Hong et al. 2024), reference-free: the chosen completions' NLL (mean over
     their tokens) minus beta (the paper's lambda) times the mean log-sigmoid of the log odds ratio of the
-    length-averaged log-probs."""
+    length-averaged log-probs. The NLL covers the completion only (the paper's disable_prompt_loss); TRL's
+    ORPOTrainer also counts the prompt tokens."""
 
     name = "orpo"
 
@@ -206,7 +213,7 @@ class ORPO(PreferenceObjective):
         ratio = F.logsigmoid(log_odds)
         nll = -logps.chunk(2)[0].sum() / totals["chosen_tokens"]
         loss = nll - self.beta * ratio.sum() / totals["pairs"]
-        metrics = self._pair_metrics(self.beta * chosen, self.beta * rejected, logps)
+        metrics = self._pair_metrics(self.beta * chosen, self.beta * rejected, avg, logps)
         metrics["log_odds_ratio"] = float(ratio.detach().sum())
         metrics["nll_loss"] = float(nll.detach()) * totals["pairs"]  # a sum over pairs, like the others
         return loss, metrics
@@ -226,9 +233,10 @@ class SimPO(PreferenceObjective):
         self, module: nn.Module, batch: dict[str, torch.Tensor], totals: dict[str, int]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         logps, n = self.policy_logps(module, batch)
-        chosen, rejected = (logps.float() / n.clamp(min=1)).chunk(2)
+        avg = logps.float() / n.clamp(min=1)
+        chosen, rejected = avg.chunk(2)
         z = self.beta * (chosen - rejected) - self.gamma
         eps = self.label_smoothing
         per_pair = -F.logsigmoid(z) * (1 - eps) - F.logsigmoid(-z) * eps
-        metrics = self._pair_metrics(self.beta * chosen, self.beta * rejected, logps)
+        metrics = self._pair_metrics(self.beta * chosen, self.beta * rejected, avg, logps)
         return per_pair.sum() / totals["pairs"], metrics
