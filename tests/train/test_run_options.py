@@ -122,11 +122,10 @@ def test_resume_with_changed_settings_names_them(tiny_model_dir, tmp_path, capsy
 def test_load_best_model_at_end_saves_the_lowest_eval_loss_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from velotune.train import loop, run
+    from velotune.train import loop
 
-    scripted = iter([2.0, 1.0, 3.0])  # evaluations at steps 2, 4, 6: the best is checkpoint-4
+    scripted = iter([2.0, 1.0, 3.0, 1.0])  # evaluations at steps 2, 4, 6 (the best: checkpoint-4), then the final
     monkeypatch.setattr(loop, "evaluate_loss", lambda *args: next(scripted))
-    monkeypatch.setattr(run, "evaluate_loss", lambda *args: 1.0)  # the final evaluation
     out = tmp_path / "run"
     extra = ["--max_steps", "6", "--eval_dataset", EVAL, "--eval_steps", "2", "--save_steps", "2"]
     argv = _train(tiny_model_dir, out, *extra, "--save_total_limit", "1", "--learning_rate", "1e-2")
