@@ -21,6 +21,13 @@ What the trainers rely on, and why it holds:
 - Checkpoints: Trainer saves `state_dict()` of a model that is not a PreTrainedModel; the tied LM head is left out
   of it (it is the embedding), so safetensors accepts it and `resume_from_checkpoint` restores it. Those
   checkpoints hold every weight; `model.save_pretrained(dir)` writes the PEFT adapter alone.
+- trl.DPOTrainer replaces `forward` on this instance with its fused LM head: with `fused_lm_head=True` it reads
+  `base_model(input_ids, attention_mask).last_hidden_state`, `get_output_embeddings()` (weight, bias) and
+  `config.get_text_config()` (softcapping, logit scale), otherwise it calls the forward above. This wrapper is not a
+  peft.PeftModel, so DPOTrainer does not switch its adapter off for the reference: pass
+  `ref_model=model.create_reference_model()` (shares the frozen weights) or `precompute_ref_log_probs=True` (the
+  policy's log-probs before the first step). With neither, TRL loads a second, transformers copy of the base
+  checkpoint from `config._name_or_path` as the reference: unquantized, and without a loaded adapter.
 
 DeepSpeed (through Trainer's `deepspeed=` argument; accelerate wraps this module like any other):
 - ZeRO stage 1 and 2, with or without optimizer offload to CPU: supported for LoRA (16-bit or 4-bit base) and for
@@ -33,6 +40,7 @@ DeepSpeed (through Trainer's `deepspeed=` argument; accelerate wraps this module
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +218,26 @@ class VelotuneForCausalLM(nn.Module):
         for tag in [tags] if isinstance(tags, str) else tags:
             if tag not in self.model_tags:
                 self.model_tags.append(tag)
+
+    def create_reference_model(self) -> VelotuneForCausalLM:
+        """A frozen copy of this model as it is now, for `trl.DPOTrainer(ref_model=...)`: DPOTrainer switches off
+        the adapter of a peft.PeftModel for the reference, which this model is not.
+
+        Unlike TRL's `create_reference_model`, only what trains is copied (the LoRA weights; every weight after
+        full_finetuning=True); the frozen base weights, 4-bit or 16-bit, are the policy's own tensors. Its log-probs
+        are the policy's at this moment: for a fresh adapter (B = 0) the base model's, for an adapter loaded from
+        an SFT run that adapter's, as TRL's frozen "ref" adapter copy gives a PeftModel.
+        """
+        shared = {id(t): t for t in (*self.model.parameters(), *self.model.buffers()) if not t.requires_grad}
+        lm = copy.deepcopy(self.model, memo=shared)
+        lm.requires_grad_(False)
+        for p in lm.parameters():
+            p.grad = None
+        lm.gradient_checkpointing = False  # the reference runs without gradients
+        ref = VelotuneForCausalLM(lm, self.max_seq_length)
+        ref.config, ref.generation_config = copy.deepcopy(self.config), copy.deepcopy(self.generation_config)
+        ref.full_finetuning = self.full_finetuning
+        return ref.eval()
 
     @property
     def device(self) -> torch.device:
