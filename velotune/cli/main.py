@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from velotune.cli import chat as chat_cmd
 from velotune.cli import data as data_cmd
 from velotune.cli import export as export_cmd
 from velotune.cli import generate as generate_cmd
@@ -13,7 +14,14 @@ from velotune.cli import plan as plan_cmd
 from velotune.cli import train as train_cmd
 from velotune.errors import VelotuneError
 
-COMMANDS = {"train": train_cmd, "generate": generate_cmd, "data": data_cmd, "export": export_cmd, "plan": plan_cmd}
+COMMANDS = {
+    "train": train_cmd,
+    "generate": generate_cmd,
+    "chat": chat_cmd,
+    "data": data_cmd,
+    "export": export_cmd,
+    "plan": plan_cmd,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

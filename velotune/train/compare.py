@@ -9,7 +9,7 @@ from velotune.data import DataConfig, detect_format, render_prompt, to_messages
 from velotune.data.formats import apply_field_map
 from velotune.data.readers import read_rows
 from velotune.models.decoder import CausalLM
-from velotune.models.generate import generate, stop_token_ids
+from velotune.models.generate import SamplingParams, generate_batch, stop_token_ids
 
 
 @dataclass
@@ -51,13 +51,12 @@ def normalise(text: str) -> str:
 
 
 def score(model: CausalLM, tokenizer: Any, samples: list[Sample], cfg: DataConfig, max_new_tokens: int) -> Score:
-    correct, answers = 0, []
-    stop = stop_token_ids(tokenizer)
-    for s in samples:
-        text = render_prompt(s.prompt, tokenizer, cfg.template, cfg.system_prompt)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        new = generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=stop)
-        answer = tokenizer.decode(new, skip_special_tokens=True).strip()
-        answers.append(answer)
-        correct += normalise(answer) == normalise(s.reference)
+    """Greedy answers to every sample, decoded together in one batch, and how many equal the reference."""
+    if not samples:
+        return Score(0, 0, [])
+    texts = [render_prompt(s.prompt, tokenizer, cfg.template, cfg.system_prompt) for s in samples]
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_ids=stop_token_ids(tokenizer))
+    answers = [c.text.strip() for c in generate_batch(model, prompts, params, tokenizer=tokenizer)]
+    correct = sum(normalise(a) == normalise(s.reference) for a, s in zip(answers, samples, strict=True))
     return Score(correct, len(samples), answers)
