@@ -11,6 +11,13 @@ from velotune.data.dataset import DataStats, TokenizedDataset, build_datasets
 from velotune.data.formats import FORMATS, detect_format, to_messages
 from velotune.data.masking import IGNORE
 from velotune.data.packing import PaddingStats
+from velotune.data.preference import (
+    PreferenceDataset,
+    build_preference_datasets,
+    check_preference_file,
+    check_preference_files,
+    detect_preference,
+)
 from velotune.data.sources import check_files
 from velotune.data.templates import BUILTIN_TEMPLATES, TEMPLATE_NAMES, render_prompt
 
@@ -19,14 +26,19 @@ __all__ = [
     "FORMATS",
     "IGNORE",
     "PaddingStats",
+    "PreferenceDataset",
     "TEMPLATE_NAMES",
     "DataConfig",
     "DataStats",
     "TokenizedDataset",
     "build_datasets",
+    "build_preference_datasets",
     "check_files",
+    "check_preference_file",
+    "check_preference_files",
     "collate",
     "detect_format",
+    "detect_preference",
     "render_prompt",
     "to_messages",
 ]
