@@ -263,3 +263,22 @@ def test_bundled_pairs_are_clean(tokenizer):
     assert len(train) >= 300 and len(eval_set) >= 30
     prompts = {json.dumps(e["prompt_ids"]) for e in train}
     assert prompts.isdisjoint(json.dumps(e["prompt_ids"]) for e in eval_set)
+
+
+def test_data_inspect_shows_rendered_pairs(tokenizer, write_jsonl, monkeypatch, capsys):
+    import argparse
+
+    from velotune.cli import data as data_cmd
+
+    monkeypatch.setattr(data_cmd, "load_tokenizer", lambda model: tokenizer)
+    path = write_jsonl([STANDARD, pair(1, chosen="same", rejected="same")])
+    parser = argparse.ArgumentParser(prog="velotune")
+    data_cmd.add_parser(parser.add_subparsers(dest="command", required=True))
+    args, extra = parser.parse_known_args(["data", "inspect", path, "--examples", "1"])
+    assert data_cmd.run(args, extra) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: preference pairs; train on them with --method dpo" in out
+    assert "read 2 rows" in out and "used 1 pairs" in out and f"dropped {path}:2: chosen and rejected" in out
+    assert f"--- {path}:1\n[prompt: " in out and "<|im_start|>user\nWrite May 3, 2020 as an ISO date.<|im_end|>" in out
+    assert "]\n2020-05-03<|im_end|>\n[rejected: " in out
+    assert "token lengths of 1 rows" in out

@@ -46,6 +46,8 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="split of a Hugging Face dataset (default: train)",
     )
+    i.add_argument("--max_prompt_length", type=int, default=512, help="preference pairs: prompt tokens kept")
+    i.add_argument("--truncation_mode", default="keep_end", help="preference pairs: keep_end or keep_start of prompts")
     i.add_argument("--examples", type=int, default=3, help="examples to show (default 3)")
     i.add_argument(
         "--output",
@@ -95,6 +97,7 @@ def _field_map(text: str | None) -> dict:
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from velotune.data import DataConfig
+    from velotune.data.preference import is_preference_file
     from velotune.data.sources import check_file
 
     if args.data_command != "inspect":
@@ -111,8 +114,29 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         too_long="truncate",
         cache=not args.no_cache,
     )
+    if is_preference_file(args.file, cfg.field_map, cfg.split):
+        return _inspect_pairs(args, cfg)
     check_file(args.file, cfg)  # a missing, empty or malformed file is reported before the tokenizer loads
     return _inspect(args, cfg)
+
+
+def _inspect_pairs(args: argparse.Namespace, cfg: Any) -> int:
+    """Preference pairs: the pair report, lengths and rendered pairs (as dpo / orpo / simpo read them)."""
+    import numpy as np
+
+    from velotune.data.inspection import histogram_text
+    from velotune.data.preference import build_preference_datasets, show_pair
+
+    tokenizer = load_tokenizer(args.model)
+    ds, _ = build_preference_datasets(cfg, tokenizer, None, args.max_prompt_length, args.truncation_mode)
+    print(f"{args.file}: preference pairs; train on them with --method dpo (or orpo, simpo)")
+    print(ds.report())
+    print()
+    print(histogram_text(np.asarray(ds.lengths), cfg.max_seq_length))
+    for example in ds[: args.examples]:
+        print(f"\n--- {example['row']}")
+        print(show_pair(example, tokenizer))
+    return 0
 
 
 def _inspect(args: argparse.Namespace, cfg: Any) -> int:

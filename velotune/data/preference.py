@@ -389,6 +389,15 @@ class PreferenceDataset(Sequence[dict]):
         return text + shown + more
 
 
+def show_pair(example: dict, tokenizer) -> str:
+    """A pair decoded, special tokens included: the prompt, then each answer, under labels."""
+    parts = []
+    for side in ("prompt", "chosen", "rejected"):
+        ids = example[f"{side}_ids"]
+        parts.append(f"[{side}: {len(ids):,} tokens]\n{tokenizer.decode(ids, skip_special_tokens=False)}")
+    return "\n".join(parts)
+
+
 def _check_limits(max_length: int | None, max_prompt_length: int | None, truncation_mode: str) -> None:
     if truncation_mode not in TRUNCATION_MODES:
         raise ConfigError(f"truncation_mode is {truncation_mode!r}; choose one of: {', '.join(TRUNCATION_MODES)}")
@@ -471,17 +480,30 @@ def build_preference_datasets(
     return make_dataset(train, "train", cfg.path, encoder, bad_rows), None
 
 
+def first_row(path: str, split: str | None = None) -> tuple[str, dict] | None:
+    """(source, row) of the first row of a data file or saved dataset; None when it has none."""
+    rows = open_source(path, split).rows()
+    try:
+        return next(rows, None)
+    finally:
+        getattr(rows, "close", lambda: None)()  # the reader's file
+
+
+def is_preference_file(path: str, field_map: dict[str, str] | None = None, split: str | None = None) -> bool:
+    """Whether the first row of a local data file is a preference pair (False for an empty file or a hub dataset)."""
+    if hf_datasets.looks_like_hub_name(path):
+        return False
+    first = first_row(path, split)
+    return first is not None and detect_preference(first[1], field_map)
+
+
 def check_preference_file(path: str, field_map: dict[str, str] | None = None, split: str | None = None) -> str | None:
     """Read the first row of a data file and return its preference format; raise DataError in milliseconds,
     before a model loads, when the file is missing, empty, malformed or not preference data. None for a hub
     dataset, which training reads itself."""
     if hf_datasets.looks_like_hub_name(path):
         return None
-    rows = open_source(path, split).rows()
-    try:
-        first = next(rows, None)
-    finally:
-        getattr(rows, "close", lambda: None)()
+    first = first_row(path, split)
     if first is None:
         raise DataError(f"{path}: no rows found; the file is empty (or holds only blank lines)")
     source, row = first
