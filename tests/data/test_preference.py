@@ -59,6 +59,7 @@ def test_prompt_plus_answer_tokens_are_the_tokenized_conversation(tokenizer, wri
     assert eval_set is None and train.stats.formats == {fmt: 1}
     (example,) = train
     assert example["row"] == f"{path}:1"
+    assert all(type(t) is int for side in ("prompt_ids", "chosen_ids", "rejected_ids") for t in example[side])
     _, _, chosen, rejected = to_pair(row, "row")
     assert example["prompt_ids"] + example["chosen_ids"] == conversation_ids(tokenizer, prompt + chosen)
     assert example["prompt_ids"] + example["rejected_ids"] == conversation_ids(tokenizer, prompt + rejected)
@@ -236,9 +237,14 @@ def test_template_without_end_of_turn_gets_eos_after_each_answer(tokenizer, writ
         "{%- for m in messages -%}{{- m['role'] + ': ' + m['content'] + '\\n' if m['role'] != 'assistant' "
         "else m['content'] -}}{%- endfor -%}{%- if add_generation_prompt -%}{{- 'assistant: ' -}}{%- endif -%}"
     )
-    train, _ = build(bare, write_jsonl([pair(0)]))
+    path = write_jsonl([pair(0), pair(1, chosen="a ", rejected="a")])
+    train, _ = build(bare, path)
     assert train[0]["chosen_ids"][-1] == tokenizer.eos_token_id
     assert tokenizer.decode(train[0]["chosen_ids"]) == "yes" + tokenizer.eos_token
+    # answers differing only in trailing whitespace, which rendering drops, make no pair
+    assert train.stats.errors == [
+        f"{path}:2: chosen and rejected are the same 2 tokens as rendered; a pair needs two different answers"
+    ]
 
 
 def test_limits_are_checked(tokenizer, write_jsonl):

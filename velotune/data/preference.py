@@ -28,6 +28,8 @@ import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from velotune.data import hf_datasets
 from velotune.data.config import DataConfig
 from velotune.data.dataset import split_indices
@@ -40,6 +42,7 @@ from velotune.errors import ConfigError, DataError
 
 FIELDS = ("prompt", "chosen", "rejected", "system")
 ALIASES = {"question": "prompt", "instruction": "prompt"}  # other names preference sets give the prompt
+SIDES = ("prompt", "chosen", "rejected")  # an example's token lists, {side}_ids
 TRUNCATION_MODES = ("keep_end", "keep_start")
 BAD_ROWS = ("drop", "fail")
 CHUNK = 1024  # rows rendered, then tokenized in one batch call
@@ -278,12 +281,14 @@ class PairEncoder:
             if max(len(chosen), len(rejected)) > room:
                 chosen, rejected, out.answers_cut = chosen[:room], rejected[:room], True
         if chosen == rejected:
-            raise BadRow(
-                SAME,
-                f"{out.row}: chosen and rejected are the same {len(chosen):,} tokens after truncation to max_length "
-                f"{self.max_length:,}; raise max_length so that they differ",
+            why = (
+                f"after truncation to max_length {self.max_length:,}; raise max_length so that they differ"
+                if out.answers_cut
+                else "as rendered; a pair needs two different answers"
             )
-        return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "row": out.row}
+            raise BadRow(SAME, f"{out.row}: chosen and rejected are the same {len(chosen):,} tokens {why}")
+        ids = {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+        return {"row": out.row, **{k: np.asarray(v, dtype=np.int32) for k, v in ids.items()}}
 
 
 @dataclass
@@ -336,22 +341,26 @@ class PreferenceStats:
 class PreferenceDataset(Sequence[dict]):
     """Tokenized pairs {"prompt_ids", "chosen_ids", "rejected_ids", "row"} with the stats of how they were made."""
 
-    def __init__(self, examples: list[dict], stats: PreferenceStats) -> None:
-        self.examples, self.stats = examples, stats
+    def __init__(self, pairs: list[dict], stats: PreferenceStats) -> None:
+        self.pairs = pairs  # token ids held as int32 arrays (a Python int list costs ~9x the memory)
+        self.stats = stats
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.pairs)
 
     def __getitem__(self, index: int | slice) -> dict | list[dict]:
-        return self.examples[index]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        pair = self.pairs[index]
+        return {"row": pair["row"], **{f"{side}_ids": pair[f"{side}_ids"].tolist() for side in SIDES}}
 
     def __iter__(self) -> Iterator[dict]:
-        return iter(self.examples)
+        return (self[i] for i in range(len(self)))
 
     @property
     def lengths(self) -> list[int]:
         """Tokens of each pair's longer sequence (prompt + the longer answer)."""
-        return [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in self.examples]
+        return [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in self.pairs]
 
     def report(self) -> str:
         """A summary: rows read, pairs used, rows dropped (how many and why), truncation and tokens; then the first
@@ -392,7 +401,7 @@ class PreferenceDataset(Sequence[dict]):
 def show_pair(example: dict, tokenizer) -> str:
     """A pair decoded, special tokens included: the prompt, then each answer, under labels."""
     parts = []
-    for side in ("prompt", "chosen", "rejected"):
+    for side in SIDES:
         ids = example[f"{side}_ids"]
         parts.append(f"[{side}: {len(ids):,} tokens]\n{tokenizer.decode(ids, skip_special_tokens=False)}")
     return "\n".join(parts)
