@@ -253,6 +253,8 @@ def test_limits_are_checked(tokenizer, write_jsonl):
         build(tokenizer, path, truncation_mode="left")
     with pytest.raises(ConfigError, match="max_prompt_length is 0"):
         build(tokenizer, path, max_prompt_length=0)
+    with pytest.raises(ConfigError, match="dataset_format is 'alpaca', a format of SFT rows"):
+        check_preference_files(DataConfig(path=path, format="alpaca"))
 
 
 def test_bundled_pairs_are_clean(tokenizer):

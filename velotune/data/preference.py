@@ -407,6 +407,14 @@ def show_pair(example: dict, tokenizer) -> str:
     return "\n".join(parts)
 
 
+def _check_format(cfg: DataConfig) -> None:
+    if cfg.format != "auto":
+        raise ConfigError(
+            f"dataset_format is {cfg.format!r}, a format of SFT rows; preference pairs are told apart by their fields "
+            f"(prompt, chosen, rejected); remove dataset_format, and rename fields with field_map if needed"
+        )
+
+
 def _check_limits(max_length: int | None, max_prompt_length: int | None, truncation_mode: str) -> None:
     if truncation_mode not in TRUNCATION_MODES:
         raise ConfigError(f"truncation_mode is {truncation_mode!r}; choose one of: {', '.join(TRUNCATION_MODES)}")
@@ -472,6 +480,7 @@ def build_preference_datasets(
         )
     if bad_rows not in BAD_ROWS:
         raise ConfigError(f"bad_rows is {bad_rows!r}; choose one of: {', '.join(BAD_ROWS)}")
+    _check_format(cfg)
     max_length = cfg.max_seq_length if max_length is None else max_length
     _check_limits(max_length, max_prompt_length, truncation_mode)
     encoder = PairEncoder(tokenizer, cfg, max_length, max_prompt_length, truncation_mode)
@@ -527,6 +536,7 @@ def check_preference_file(path: str, field_map: dict[str, str] | None = None, sp
 
 def check_preference_files(cfg: DataConfig) -> None:
     """check_preference_file on the training data and the eval data."""
+    _check_format(cfg)
     if cfg.path is not None:
         check_preference_file(cfg.path, cfg.field_map, cfg.split)
     if cfg.eval_path is not None:
