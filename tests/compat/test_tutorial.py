@@ -92,6 +92,7 @@ context. Write a response that appropriately completes the request.
         eval_dataset=dataset.select(range(4)),
         args=SFTConfig(  # TRL 1.x: dataset_text_field / max_length / packing moved here from SFTTrainer(...)
             dataset_text_field="text",
+            activation_checkpointing=True,  # transformers 5.2x: TRL's default gradient_checkpointing=True warns
             max_length=max_seq_length,
             dataset_num_proc=1,
             packing=False,
