@@ -187,6 +187,7 @@ def _check(result, out):
     assert all(p.is_file() for p in result["gguf"]) and (out / "model" / "Modelfile").is_file()
 
 
+@pytest.mark.filterwarnings("error:`gradient_checkpointing` is deprecated:FutureWarning")
 def test_tutorial_runs_on_the_tiny_checkpoint(tiny_model_dir, tmp_path):
     _check(run_tutorial(str(tiny_model_dir), tmp_path), tmp_path)
 
