@@ -498,7 +498,7 @@ def _read_back(
         keep = max(0, min(len(new), counts[row] - len(have)))
         before = len(have)
         have.extend(new[:keep])
-        if p.stop_strings:
+        if p.stop_strings and len(have) > before:
             _find_stop(out, row, before, p.stop_strings, tokenizer, rows)
         if on_tokens is not None and len(have) > before:
             on_tokens(row, have[before:])
@@ -514,13 +514,13 @@ def _find_stop(out: _Output, row: int, before: int, stops: Sequence[str], tokeni
         return
     for end in range(before + 1, len(tokens) + 1):  # the first token whose text holds a stop string
         text = tokenizer.decode(tokens[:end], skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
-            del tokens[end:]
-            out.stopped[row] = (end, text[:cut])
-            out.count[row] = end
-            rows.alive &= rows.ids != row
-            return
+        if any(s in text for s in stops):
+            break  # (the last token at the latest, whose text was checked above)
+    cut = min(i for i in (text.find(s) for s in stops) if i >= 0)
+    del tokens[end:]
+    out.stopped[row] = (end, text[:cut])
+    out.count[row] = end
+    rows.alive &= rows.ids != row
 
 
 def _compact(rows: _Rows, cache: StaticKVCache) -> bool:
