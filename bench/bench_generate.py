@@ -90,6 +90,7 @@ def build(a: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
     hf.generation_config.pad_token_id = 0
     ours = build_empty(family_for("llama").from_hf(config.to_dict()))
     load_weights(ours, hf.state_dict().items(), "bench", torch.bfloat16, a.device)  # same device/dtype: shared
+    ours.to(a.device)  # the rope buffers (parameters are there already: still shared)
     return hf, ours.eval()
 
 

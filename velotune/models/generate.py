@@ -326,11 +326,13 @@ class _GraphSteps:
 
 def _graphs_possible(model: CausalLM, sharded: bool) -> bool:
     """CUDA graphs need a forward without host syncs or per-call compilation: not sharded, no longrope (it picks its
-    table from the furthest position), no soft-capped attention (FlexAttention builds a block mask per call)."""
+    table from the furthest position), no soft-capped attention (FlexAttention builds a block mask per call), no
+    4-/8-bit base (capturing its per-call dequantization tripped the CUDA caching allocator's assert, torch 2.11)."""
     cfg = model.config
     return (
         model.device.type == "cuda"
         and not sharded
+        and not getattr(model, "quantization", None)
         and cfg.attn_logit_softcap is None
         and rope_kind(cfg.rope_scaling) != "longrope"
     )

@@ -101,6 +101,8 @@ def quantize_model(
         quantized.train(linear.training)
         model.set_submodule(name, quantized)
         del linear
+    if names:
+        model.quantization = method  # what the model's users (planner, generation engine, logs) read
     return model
 
 
