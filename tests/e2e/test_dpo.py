@@ -111,3 +111,16 @@ def test_fit_trains_dpo_through_the_python_api(tiny_model_dir, pairs_file):
         gradient_checkpointing=False,
     )
     assert abs(result.losses[0] - 0.6931) < 1e-3 and result.losses[-1] < result.losses[0]
+
+
+def test_precomputed_reference_gives_the_same_run(tiny_model_dir, pairs_file, tmp_path, uninterrupted):
+    """precompute_ref_log_probs: one reference pass before training, none per step; the losses are those of the run
+    that computed the reference at every step (up to float rounding of other batch shapes)."""
+    _, reference = uninterrupted
+    run = tmp_path / "run"
+    args = _args(tiny_model_dir, pairs_file, run, steps=4) + ["--precompute_ref_log_probs", "true"]
+    assert _in_process(args) == 0
+    losses = _losses(run)
+    assert sorted(losses) == [1, 2, 3, 4]
+    # steps 1 and 2 ran at the same learning rate in both runs (the 4-step schedule decays faster afterwards)
+    assert abs(losses[1] - reference[1]) < 1e-4 and abs(losses[2] - reference[2]) < 1e-4

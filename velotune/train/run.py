@@ -252,6 +252,8 @@ def run(
     samples = held_out_samples(cfg.data, cfg.train.compare_samples) if cfg.train.method == "sft" else []
     before = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
     pref_before = _preference_score(objective, model, eval_ds, pad_id, cfg, log) if cfg.train.method != "sft" else None
+    if cfg.train.precompute_ref_log_probs:
+        train_ds = _precompute_reference(objective, model, train_ds, pad_id, cfg, log)
     integrations = open_integrations(cfg.train.report_to, run_dir, resolved, log) if env.is_main else []
     trainer = Trainer(
         model,
@@ -304,6 +306,24 @@ def _preference_score(
     if getattr(objective, "model", None) is None:  # before training; afterwards the reference must stay the start
         objective.setup(model)
     return objective.evaluate(list(eval_ds), pad_id, cfg.train.per_device_eval_batch_size)
+
+
+def _precompute_reference(
+    objective: Any, model: CausalLM, train_ds: Any, pad_id: int, cfg: RunConfig, log: Callable[[str], Any]
+) -> list[dict]:
+    """precompute_ref_log_probs: the reference log-probs of every training pair in one pass before training (the
+    steps then run no reference forward); the same on every process."""
+    if not hasattr(objective, "precompute"):
+        raise ConfigError(
+            f"precompute_ref_log_probs applies to method dpo (the others have no reference model), "
+            f"not {cfg.train.method}; drop it"
+        )
+    if getattr(objective, "model", None) is None:
+        objective.setup(model)
+    start = time.perf_counter()
+    out = objective.precompute(train_ds, pad_id, cfg.train.per_device_eval_batch_size)
+    log(f"precompute_ref_log_probs: reference log-probs of {len(out):,} pairs in {time.perf_counter() - start:.1f} s")
+    return out
 
 
 def _same_structure(model: CausalLM, cfg: RunConfig) -> CausalLM:
