@@ -4,7 +4,6 @@ layout errors, the split of a step and the 1-process path against Trainer.accumu
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -16,10 +15,7 @@ import torch
 
 from tests.distributed import worker
 from velotune.errors import ConfigError
-from velotune.lora.apply import lora_layers
 from velotune.train import distributed as vd
-from velotune.train.config import TrainConfig
-from velotune.train.loop import Trainer
 
 WORKER = Path(worker.__file__)
 TOL = 1e-5
