@@ -44,6 +44,17 @@ def test_a_converged_loss_wobbling_near_zero_is_no_oscillation():
     assert notices == []
 
 
+def test_a_noisy_but_falling_loss_is_no_oscillation():
+    # the DPO demo's curve (steps 6-25 of a real run: 8 pairs per step, learning_rate 5e-4): up and down on most
+    # steps, but the second half of the window is far below the first
+    losses = [0.3936, 0.2947, 0.3217, 0.3948, 0.1772, 0.1794, 0.1, 0.1598, 0.1039, 0.3042,
+              0.0689, 0.0136, 0.1647, 0.1699, 0.1067, 0.0322, 0.1339, 0.0849, 0.0681, 0.1188]  # fmt: skip
+    m = _monitor(warmup=5, learning_rate=5e-4)
+    m.state.first = [0.5306]  # the run's first loss after warmup (step 4)
+    notices = [n for s, loss in enumerate(losses, 6) for n in m.observe(s, loss, 0.5)]
+    assert notices == []
+
+
 def test_flat_loss_suggests_a_higher_learning_rate():
     m = _monitor(warmup=5)
     notices = [n for s in range(1, 5 + 2 * WINDOW + 1) for n in m.observe(s, 2.0 + 0.001 * (s % 3), 0.5)]

@@ -95,8 +95,10 @@ class TrainingMonitor:
         # that wobbles by 0.01 is 20% of its level but harmless, while a swing of 0.5 around 1.5 is not
         level = max(statistics.fmean(losses), self.state.first[0] if self.state.first else 0.0)
         swing = statistics.fmean(abs(d) for d in diffs) / max(level, 1e-8)
-        if flips < OSCILLATION_FLIPS or swing < OSCILLATION_SWING or not self._due("oscillation", step):
-            return []
+        half = len(losses) // 2
+        falling = statistics.fmean(losses[half:]) < (1 - OSCILLATION_SWING) * statistics.fmean(losses[:half])
+        if flips < OSCILLATION_FLIPS or swing < OSCILLATION_SWING or falling or not self._due("oscillation", step):
+            return []  # a noisy loss that still falls clearly (small preference batches) is no oscillation
         return [
             Notice(
                 step,
