@@ -290,3 +290,10 @@ def test_data_inspect_shows_rendered_pairs(tokenizer, write_jsonl, monkeypatch, 
     assert f"--- {path}:1\n[prompt: " in out and "<|im_start|>user\nWrite May 3, 2020 as an ISO date.<|im_end|>" in out
     assert "]\n2020-05-03<|im_end|>\n[rejected: " in out
     assert "token lengths of 1 rows" in out
+
+
+def test_field_map_may_name_the_preference_fields():
+    from velotune.data import DataConfig
+
+    cfg = DataConfig(field_map={"good": "chosen", "bad": "rejected", "question": "prompt"})
+    assert cfg.field_map["good"] == "chosen"

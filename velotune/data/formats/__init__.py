@@ -39,7 +39,10 @@ FORMATS: dict[str, Format] = {
 # Most specific first: a reasoning row may also carry a "text" column, a chat row may carry anything.
 DETECTION_ORDER = ("sharegpt", "messages", "alpaca", "prompt_completion", "reasoning", "text")
 
-CANONICAL_FIELDS = sorted({f for spec in FORMATS.values() for f in spec.required + spec.optional})
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "system")  # data/preference.py reads these
+CANONICAL_FIELDS = sorted(
+    {f for spec in FORMATS.values() for f in spec.required + spec.optional} | set(PREFERENCE_FIELDS)
+)
 
 
 def apply_field_map(row: dict, field_map: dict[str, str]) -> dict:
