@@ -282,9 +282,10 @@ def run(
         log(f"peak GPU memory {peak / GiB:.2f} GiB (planned {planned / GiB:.2f} GiB, {error:+.0f}%)")
     if cfg.train.load_best_model_at_end:
         _load_best(model, run_dir, result, log)
-    eval_loss = _final_eval(objective, eval_ds, pad_id, cfg, result, run_dir)
+    final = _final_eval(objective, eval_ds, pad_id, cfg, result, run_dir)
+    eval_loss = final["eval_loss"] if final else None
     after = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
-    pref_after = _preference_score(objective, model, eval_ds, pad_id, cfg, log) if pref_before is not None else None
+    pref_after = final if pref_before is not None else None  # the same objective over the same held-out pairs
 
     saved, weights, merged = model, None, True
     if env.distributed and strategy == "fsdp":  # rank 0 saves from gathered whole tensors
@@ -352,8 +353,10 @@ def _load_best(model: CausalLM, run_dir: Path, result: TrainResult, log: Callabl
     log(f"load_best_model_at_end: the outputs hold {best.name}, the lowest eval loss")
 
 
-def _final_eval(objective: Any, eval_ds: Any, pad_id: int, cfg: RunConfig, result: TrainResult, run_dir: Path):
-    """Eval loss after training (the objective's), also written as a metrics.jsonl row (unless the last step's
+def _final_eval(
+    objective: Any, eval_ds: Any, pad_id: int, cfg: RunConfig, result: TrainResult, run_dir: Path
+) -> dict[str, float] | None:
+    """The objective's eval metrics after training, also written as a metrics.jsonl row (unless the last step's
     periodic evaluation wrote one), so the curves PNG shows the eval loss the run prints."""
     if eval_ds is None or not len(eval_ds):
         return None
@@ -363,7 +366,7 @@ def _final_eval(objective: Any, eval_ds: Any, pad_id: int, cfg: RunConfig, resul
     if not every or result.steps % every:
         ppl = {"eval_ppl": math.exp(min(loss, 50.0))} if cfg.train.method == "sft" else {}
         rank0_only(_write_metrics, run_dir, {"step": result.steps} | metrics | ppl)
-    return loss
+    return metrics
 
 
 def _write_metrics(run_dir: Path, row: dict) -> None:
