@@ -19,6 +19,7 @@ import torch
 from velotune.errors import ModelLoadError
 from velotune.models.decoder import CausalLM
 from velotune.models.families import family_for_gguf
+from velotune.models.gguf_reader import GGUFFile, read_gguf
 
 _TOKEN_KEYS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "padding_token_id": "pad_token_id"}
 _META_TENSORS = {
@@ -28,27 +29,35 @@ _META_TENSORS = {
 }
 
 
-def read_metadata(reader: Any) -> tuple[str, dict[str, Any]]:
+def read_metadata(file: GGUFFile) -> tuple[str, dict[str, Any]]:
     """(architecture, {key without the `<arch>.` prefix: value}) plus vocab_size, tied and token ids."""
-    fields = reader.fields
+    fields = file.fields
     if "general.architecture" not in fields:
-        raise ModelLoadError("GGUF file has no general.architecture key")
-    arch = fields["general.architecture"].contents()
+        raise ModelLoadError(f"{file.path}: GGUF file has no general.architecture key")
+    arch = fields["general.architecture"]
     meta: dict[str, Any] = {}
-    for key, field in fields.items():
+    for key, value in fields.items():
         if key.startswith(arch + "."):
-            meta[key[len(arch) + 1 :]] = field.contents()
+            meta[key[len(arch) + 1 :]] = value
     for gguf_key, ours in _TOKEN_KEYS.items():
         if f"tokenizer.ggml.{gguf_key}" in fields:
-            meta[ours] = int(fields[f"tokenizer.ggml.{gguf_key}"].contents())
+            meta[ours] = int(fields[f"tokenizer.ggml.{gguf_key}"])
     if "vocab_size" not in meta:
-        meta["vocab_size"] = len(fields["tokenizer.ggml.tokens"].data)
-    names = {t.name for t in reader.tensors}
+        meta["vocab_size"] = len(fields.get("tokenizer.ggml.tokens", ()))
+    names = {t.name for t in file.tensors}
     meta["tied"] = "output.weight" not in names
-    for t in reader.tensors:
+    for t in file.tensors:
         if t.name in _META_TENSORS:
-            meta[_META_TENSORS[t.name]] = np.asarray(t.data, dtype=np.float32).reshape(-1).tolist()
+            meta[_META_TENSORS[t.name]] = t.as_float32().tolist()
     return arch, meta
+
+
+def open_gguf(path: Path) -> GGUFFile:
+    """read_gguf with its ValueError / OSError as one ModelLoadError naming the file."""
+    try:
+        return read_gguf(path)
+    except (ValueError, OSError) as exc:
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -75,15 +84,11 @@ def load_gguf(
     path: Path, dtype: torch.dtype, device: torch.device | str = "cpu", hook: Any = None, progress: bool = True
 ) -> CausalLM:
     """Build the decoder for a GGUF file and fill it with its dequantized tensors."""
-    import gguf
     from tqdm.auto import tqdm
 
     from velotune.models.load import build_empty, load_weights
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as exc:
-        raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
+    reader = open_gguf(path)
     arch, meta = read_metadata(reader)
     spec = family_for_gguf(arch)
     cfg = spec.from_gguf(meta)
@@ -95,7 +100,7 @@ def load_gguf(
             if t.name in _META_TENSORS:
                 continue
             name = names.get(t.name, t.name)
-            arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
+            arr = t.dequantize()
             if spec.gguf_norm_offset and name.endswith("norm.weight"):
                 arr = arr - spec.gguf_norm_offset
             if spec.gguf_permute_qk and name.endswith("self_attn.q_proj.weight"):

@@ -6,9 +6,13 @@ Every load names the missing, unexpected and mis-shaped tensors. Tokenizers come
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
+import os
+import shutil
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -233,19 +237,57 @@ def read_hf_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
-    """The checkpoint's tokenizer via transformers; a pad token is set to EOS when the tokenizer has none."""
+def _gguf_tokenizer_cache(file: Path) -> Path:
+    """Where the tokenizer converted from a GGUF file is kept: keyed by the file's identity (real path, size,
+    mtime) and the transformers version that converted it."""
+    import transformers
+
+    from velotune.data.cache import CACHE_ENV
+
+    st = file.stat()
+    stamp = f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    root = os.environ.get(CACHE_ENV)
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "velotune"
+    return base / "tokenizers" / hashlib.sha256(stamp.encode()).hexdigest()[:32]
+
+
+def load_tokenizer(path: Path, gguf_file: str | None = None, progress: bool = False) -> Any:
+    """The checkpoint's tokenizer via transformers; a pad token is set to EOS when the tokenizer has none.
+
+    A GGUF's tokenizer is converted from its metadata once (AutoTokenizer re-derives the model config from the
+    file on the way: ~10 s for SmolLM2, ~40 s for Gemma 3 on 2 cores) and kept in velotune's cache as the
+    tokenizer files transformers saves, which later loads read in under a second. `progress` says so on stderr
+    when a conversion starts."""
     from transformers import AutoTokenizer
 
+    cached = _gguf_tokenizer_cache(path / gguf_file) if gguf_file else None
     try:
-        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
+        if cached is not None and (cached / "tokenizer_config.json").is_file():
+            tok = AutoTokenizer.from_pretrained(str(cached))
+        else:
+            if cached is not None and progress:
+                print(f"building the tokenizer of {gguf_file} (once; cached for later runs)", file=sys.stderr)
+            kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+            tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
+            if cached is not None:
+                _save_quietly(tok, cached)
     except (OSError, ValueError) as exc:
         reason = " ".join(str(exc).split())  # transformers' messages span lines; the CLI prints one
         raise ModelLoadError(f"{path}: could not load its tokenizer ({reason})") from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _save_quietly(tok: Any, target: Path) -> None:
+    """Save into a temporary folder renamed into place, so a reader never sees half a tokenizer; an unwritable
+    cache costs the conversion next time, nothing more."""
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # Image-text checkpoints whose language model velotune loads and trains: model_type -> the text model's type.
@@ -341,7 +383,7 @@ def load_model(
         from velotune.models.gguf_import import load_gguf
 
         model = load_gguf(path, dtype, device, hook, progress)
-        tok = load_tokenizer(path.parent, gguf_file=path.name) if with_tokenizer else None
+        tok = load_tokenizer(path.parent, gguf_file=path.name, progress=progress) if with_tokenizer else None
     elif path.is_dir():
         model = load_hf_dir(path, dtype, device, hook)
         tok = load_tokenizer(path) if with_tokenizer else None

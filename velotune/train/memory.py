@@ -290,11 +290,9 @@ def read_model_config(source: str | None) -> tuple[ModelConfig, str]:
 
     path = default_model_path() if source is None else Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        import gguf
+        from velotune.models.gguf_import import open_gguf, read_metadata
 
-        from velotune.models.gguf_import import read_metadata
-
-        arch, meta = read_metadata(gguf.GGUFReader(str(path)))
+        arch, meta = read_metadata(open_gguf(path))
         spec = family_for_gguf(arch)
         assert spec.from_gguf is not None
         return spec.from_gguf(meta), str(path)

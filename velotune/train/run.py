@@ -250,6 +250,8 @@ def run(
     pad_id = tok.pad_token_id
     objective = build_objective(cfg.train)
     samples = held_out_samples(cfg.data, cfg.train.compare_samples) if cfg.train.method == "sft" else []
+    if samples:
+        log(f"answering {len(samples)} held-out prompts with the base model ({cfg.train.max_new_tokens} new tokens)")
     before = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
     pref_before = _preference_score(objective, model, eval_ds, pad_id, cfg, log) if cfg.train.method != "sft" else None
     if cfg.train.precompute_ref_log_probs:
@@ -282,6 +284,8 @@ def run(
         log(f"peak GPU memory {peak / GiB:.2f} GiB (planned {planned / GiB:.2f} GiB, {error:+.0f}%)")
     if cfg.train.load_best_model_at_end:
         _load_best(model, run_dir, result, log)
+    if eval_ds is not None and len(eval_ds) or samples:
+        log("evaluating the tuned model" + (f" and answering the {len(samples)} held-out prompts" if samples else ""))
     final = _final_eval(objective, eval_ds, pad_id, cfg, result, run_dir)
     eval_loss = final["eval_loss"] if final else None
     after = score(model, tok, samples, cfg.data, cfg.train.max_new_tokens) if samples else None
