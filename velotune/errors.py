@@ -35,3 +35,7 @@ class ExportError(VelotuneError):
 
 class TrainingError(VelotuneError):
     """Training cannot go on as configured (diverged, out of memory at micro-batch 1)."""
+
+
+class RewardError(VelotuneError):
+    """A reward function that raises, or returns something other than one number (or None) per completion."""
