@@ -291,7 +291,14 @@ def _report(result: Any, cfg: Any) -> None:
         print(f"stopped early (early_stopping_patience); best checkpoint: {tr.best_checkpoint}")
     if result.eval_loss is not None:
         print(f"eval loss {result.eval_loss:.4f}")
-    if result.preference_before and result.preference_after:
+    if result.preference_before and result.preference_after and "eval_reward" in result.preference_before:
+        b, a = result.preference_before, result.preference_after
+        names = [k[len("eval_rewards/") : -len("/mean")] for k in b if k.startswith("eval_rewards/")]
+        print("\nbefore/after on the held-out prompts (mean reward of one greedy completion each):")
+        for name, m in (("base", b), ("tuned", a)):
+            parts = ", ".join(f"{n} {m[f'eval_rewards/{n}/mean']:.3f}" for n in names)
+            print(f"  {name:<5} reward {m['eval_reward']:.3f}" + (f" ({parts})" if len(names) > 1 else ""))
+    elif result.preference_before and result.preference_after:
         b, a = result.preference_before, result.preference_after
         print("\nbefore/after on the held-out pairs (chosen log-prob above rejected; reward margin vs the reference):")
         for name, m in (("base", b), ("tuned", a)):

@@ -393,6 +393,7 @@ class CausalLM(nn.Module):
         return_logits: bool | None = None,
         logits_to_keep: int = 0,
         return_logps: bool = False,
+        temperature: float = 1.0,
     ) -> CausalLMOutput:
         """Loss (sum over target tokens / num_items_in_batch, or their mean) and/or logits.
 
@@ -400,7 +401,14 @@ class CausalLM(nn.Module):
         position id is 0 starts a new packed example and is never predicted from the previous one.
         return_logps (with labels) also gives the targets' log-probabilities, differentiable and still without
         full logits (token_logps, logps, num_targets_per_row); the loss is then computed from them.
+        temperature divides the logits of the loss / log-probs (GRPO scores completions at the temperature they were
+        sampled at, as TRL does); it is applied to the hidden states, so it needs a model without a logit soft-cap.
         """
+        if temperature != 1.0 and self.config.final_logit_softcap is not None:
+            raise ValueError(
+                f"temperature {temperature} with final_logit_softcap {self.config.final_logit_softcap}: the soft-cap "
+                "applies before the temperature, which the chunked head cannot do yet; use temperature 1.0"
+            )
         if return_logps and labels is None:
             raise ValueError("return_logps=True needs labels: the log-probabilities are those of the label tokens")
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
@@ -409,6 +417,7 @@ class CausalLM(nn.Module):
             targets = shifted_targets(labels, position_ids)
             keep = targets.reshape(-1) != IGNORE_INDEX
             h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]  # [N, H] only tokens with a target
+            h = h / temperature if temperature != 1.0 else h
             kept_targets = targets.reshape(-1)[keep]  # [N]
             cap = self.config.final_logit_softcap
             if return_logps:

@@ -105,6 +105,7 @@ class TrainState:
     monitor: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # what identifies the data order: examples, per step, seed
     rng: dict = field(default_factory=dict)  # python and numpy generator states
+    objective: dict = field(default_factory=dict)  # the objective's own state (GRPO: a reused generation batch)
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainState:

@@ -27,8 +27,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 FINETUNING = ("lora", "full", "partial")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
 STRATEGIES = ("auto", "ddp", "fsdp")  # distributed.STRATEGIES
-METHODS = ("sft", "dpo", "orpo", "simpo")  # objectives.METHODS
+METHODS = ("sft", "dpo", "orpo", "simpo", "grpo")  # objectives.METHODS
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 PACKAGE_DATA = Path(__file__).resolve().parents[1] / "datasets"
 
@@ -108,12 +110,20 @@ class TrainConfig:
         False, "fsdp: sharded weights, gradients and optimizer state live in host memory"
     )
     method: str = setting(
-        "sft", "training objective: sft, or dpo / orpo / simpo on prompt / chosen / rejected pairs", METHODS
+        "sft",
+        "training objective: sft; dpo / orpo / simpo on prompt / chosen / rejected pairs; grpo on prompts + rewards",
+        METHODS,
     )
-    beta: float = setting(
-        0.1, "dpo: how far from the reference (smaller: further); orpo: odds-ratio weight; simpo: scale"
+    beta: float | None = setting(
+        None,
+        "dpo: how far from the reference (smaller: further; default 0.1); orpo: odds-ratio weight; simpo: scale; "
+        "grpo: KL weight to the reference (default 0.0: no reference pass)",
     )
-    loss_type: str = setting("sigmoid", "dpo: the loss on the reward margin", DPO_LOSS_TYPES)
+    loss_type: str | None = setting(
+        None,
+        "dpo: the loss on the reward margin (sigmoid, hinge, ipo; default sigmoid); grpo: how token losses are "
+        "normalised (grpo, bnpo, dr_grpo, dapo; default dapo)",
+    )
     label_smoothing: float = setting(0.0, "dpo / simpo: assumed share of pairs whose preference is flipped (cDPO)")
     simpo_gamma: float = setting(0.5, "simpo: the reward margin aimed for")
     precompute_ref_log_probs: bool = setting(
@@ -128,6 +138,26 @@ class TrainConfig:
     adapter: str | None = setting(
         None, "start from this PEFT adapter (an SFT run dir or its adapter/); dpo: the reference"
     )
+    reward_funcs: list[str] | None = setting(
+        None, "grpo: reward functions: built-in names or module:function / file.py:function (TRL's signature)"
+    )
+    reward_weights: list[float] | None = setting(None, "grpo: one weight per reward function (unset: each weighs 1)")
+    num_generations: int = setting(8, "grpo: completions sampled per prompt (a group)")
+    max_completion_length: int = setting(256, "grpo: most tokens generated per completion")
+    temperature: float = setting(1.0, "grpo: sampling temperature (also divides the logits the loss scores)")
+    top_p: float = setting(1.0, "grpo: nucleus sampling (1.0: off)")
+    top_k: int = setting(0, "grpo: sample among the k most likely tokens (0: off)")
+    min_p: float = setting(0.0, "grpo: drop tokens below min_p x the top probability (0: off)")
+    repetition_penalty: float = setting(1.0, "grpo: penalty on tokens already in the row (1.0: off)")
+    epsilon: float = setting(0.2, "grpo: clipping of the probability ratio, lower side (1 - epsilon)")
+    epsilon_high: float | None = setting(None, "grpo: clipping, upper side (1 + epsilon_high; unset: epsilon)")
+    scale_rewards: str = setting(
+        "group", "grpo: divide advantages by the reward std of the group, the batch, or none", SCALE_REWARDS
+    )
+    num_iterations: int = setting(1, "grpo: optimizer steps on each generation batch (mu)")
+    mask_truncated_completions: bool = setting(False, "grpo: completions cut by max_completion_length carry no loss")
+    log_completions_steps: int = setting(10, "grpo: print and record sampled completions every this many steps")
+    num_completions_to_print: int = setting(2, "grpo: how many sampled completions each time")
 
     @property
     def quantization(self) -> str | None:
@@ -140,10 +170,8 @@ class TrainConfig:
         _choice("finetuning", self.finetuning, FINETUNING)
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("method", self.method, METHODS)
-        _choice("loss_type", self.loss_type, DPO_LOSS_TYPES)
         _choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be positive, got {self.beta}")
+        self._check_method()
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.adapter and self.finetuning != "lora":
@@ -195,6 +223,43 @@ class TrainConfig:
             self.resume = False
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set max_steps or num_train_epochs to a positive value")
+
+    def _check_method(self) -> None:
+        """beta and loss_type default per method (TRL's DPOConfig / GRPOConfig defaults); GRPO's own keys."""
+        grpo = self.method == "grpo"
+        if self.beta is None:
+            self.beta = 0.0 if grpo else 0.1
+        if self.loss_type is None:
+            self.loss_type = "dapo" if grpo else "sigmoid"
+        _choice("loss_type", self.loss_type, GRPO_LOSS_TYPES if grpo else DPO_LOSS_TYPES)
+        if grpo:
+            if self.beta < 0:
+                raise ConfigError(f"beta must be 0 (no reference) or positive, got {self.beta}")
+            if self.num_generations < 2:
+                raise ConfigError(
+                    f"num_generations is {self.num_generations}; GRPO compares completions within a group of the "
+                    "same prompt, so it needs at least 2 (8 is usual)"
+                )
+            _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+            for name in ("max_completion_length", "num_iterations"):
+                if getattr(self, name) < 1:
+                    raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+            if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+                raise ConfigError(f"epsilon / epsilon_high must be positive, got {self.epsilon} / {self.epsilon_high}")
+            if not self.reward_funcs:
+                raise ConfigError(
+                    "method grpo needs reward_funcs: built-in names (think_format, answer_match, numeric_match, "
+                    "length_penalty, iso_date) or module:function paths, e.g. reward_funcs: [mymodule:correct]"
+                )
+            if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+                raise ConfigError(
+                    f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} reward_funcs; "
+                    "give one weight per function"
+                )
+            if self.auto_batch_size:
+                raise ConfigError("auto_batch_size does not apply to grpo yet; set per_device_train_batch_size")
+        elif self.beta <= 0:
+            raise ConfigError(f"beta must be positive, got {self.beta}")
 
     def _check_partial(self) -> None:
         if self.finetuning == "partial":
@@ -378,6 +443,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def with_defaults(values: dict[str, Any]) -> dict[str, Any]:
     """Without a dataset, the run trains the bundled ISO-date task (the demo that `velotune train` runs)."""
     out = dict(values)
+    if "dataset" not in out and out.get("method") == "grpo":  # the GRPO demo: the same task, rewarded
+        out["dataset"] = str(PACKAGE_DATA / "iso_dates_prompts.jsonl")
+        out.setdefault("eval_dataset", str(PACKAGE_DATA / "iso_dates_prompts_eval.jsonl"))
+        out.setdefault("reward_funcs", ["iso_date"])
+        out.setdefault("max_steps", 30)
+        out.setdefault("gradient_checkpointing", False)
+        out.setdefault("num_generations", 4)
+        out.setdefault("per_device_train_batch_size", 8)
+        out.setdefault("max_completion_length", 16)
+        out.setdefault("learning_rate", 5e-4)
+        out.setdefault("warmup_steps", 2)
+        out.setdefault("max_seq_length", 256)
+        out.setdefault("log_completions_steps", 10)
+        return out
     if "dataset" not in out and out.get("method", "sft") != "sft":  # the preference demo: the same task as pairs
         out["dataset"] = str(PACKAGE_DATA / "iso_dates_pref.jsonl")
         out.setdefault("eval_dataset", str(PACKAGE_DATA / "iso_dates_pref_eval.jsonl"))

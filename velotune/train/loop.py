@@ -132,6 +132,8 @@ class Trainer:
         parallel: Parallel | None = None,
     ) -> None:
         self.model, self.examples, self.cfg = model, examples, cfg
+        self.objective = objective or SFT()
+        self.objective.setup(model)
         # 1 or N processes (distributed.py): the module to call, this rank, the world size
         self.par = parallel or Parallel(model, DistEnv(device=model.device))
         self.world_size = self.par.env.world_size
@@ -140,13 +142,21 @@ class Trainer:
         self.pad_id, self.packing, self.max_seq_length = pad_id, packing, max_seq_length
         self.run_dir, self.progress, self.log = run_dir, progress, log
         self.eval_examples, self.config, self.callbacks = eval_examples, config or {}, list(callbacks)
-        self.objective = objective or SFT()
-        self.objective.setup(model)
         self.step_metrics: dict[str, float] = {}  # the objective's metrics of the last step, averaged
         self.integrations = integrations or []  # report.py sinks (TensorBoard, W&B) beside metrics.jsonl
         # the GLOBAL batch: every rank takes the same step examples and keeps its share (distributed.micro_batches)
-        self.per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world_size
-        self.steps_per_epoch = max(1, math.ceil(len(examples) / self.per_step))
+        # rows: what micro-batches hold; an objective may make several rows of one example (GRPO: a group of
+        # completions per prompt) and train on one step's rows for several steps (num_iterations)
+        self.rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world_size
+        group = self.objective.rows_per_example
+        if self.rows_per_step % group:
+            raise ConfigError(
+                f"per_device_train_batch_size x gradient_accumulation_steps x processes = {self.rows_per_step} rows "
+                f"per step is not a whole number of groups of {group} (num_generations); make it a multiple of {group}"
+            )
+        self.per_step = self.rows_per_step // group  # dataset examples per step
+        self.data_steps_per_epoch = max(1, math.ceil(len(examples) / self.per_step))
+        self.steps_per_epoch = self.data_steps_per_epoch * self.objective.iterations
         self.total_steps = (
             cfg.max_steps if cfg.max_steps > 0 else math.ceil(self.steps_per_epoch * cfg.num_train_epochs)
         )
@@ -180,8 +190,8 @@ class Trainer:
         return self._orders[epoch]
 
     def step_examples(self, step: int) -> list[dict]:
-        """The examples of optimizer step `step` (1-based)."""
-        epoch, s = divmod(step - 1, self.steps_per_epoch)
+        """The examples of optimizer step `step` (1-based); with num_iterations > 1, consecutive steps share them."""
+        epoch, s = divmod((step - 1) // self.objective.iterations, self.data_steps_per_epoch)
         idx = self._order(epoch)[s * self.per_step : (s + 1) * self.per_step]
         return [self.examples[i] for i in idx]
 
@@ -272,8 +282,8 @@ class Trainer:
         return loss, grad_norm, tokens
 
     def _run_step(self, step: int) -> tuple[list[dict], float, float, int]:
-        """train_step on step `step`'s examples, halving the micro-batch after each out-of-memory error."""
-        examples = self.step_examples(step)
+        """train_step on step `step`'s rows, halving the micro-batch after each out-of-memory error."""
+        examples = self.objective.prepare_step(self.step_examples(step), step)
         while True:
             try:
                 return (examples, *self.train_step(self.split(examples), step))
@@ -294,7 +304,7 @@ class Trainer:
                 "`velotune plan CONFIG` shows what fits"
             )
         new_bs = bs // 2
-        acc = math.ceil(self.per_step / (new_bs * self.world_size))
+        acc = math.ceil(self.rows_per_step / (new_bs * self.world_size))
         old_acc = self.state.accumulation
         self.state.micro_batch_size, self.state.accumulation = new_bs, acc
         event = {"step": step, "event": "out_of_memory", "per_device_train_batch_size": new_bs}
@@ -303,7 +313,7 @@ class Trainer:
         self._record(event)
         self._say(
             f"out of GPU memory at step {step}: micro-batch {bs} -> {new_bs}, gradient accumulation {old_acc} -> "
-            f"{acc} (same {self.per_step} examples per step); retrying the step. Next time set "
+            f"{acc} (same {self.rows_per_step} rows per step); retrying the step. Next time set "
             f"per_device_train_batch_size: {new_bs} and gradient_accumulation_steps: {acc}"
         )
 
@@ -360,9 +370,14 @@ class Trainer:
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.state.bad_in_a_row = 0
             result.losses.append(loss)
+            info = self.objective.step_info()
+            samples = info.pop("samples", None)
             if step % self.cfg.logging_steps == 0 or step == self.total_steps:
                 row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.state.tokens}
-                self._record(row | self.step_metrics | {"elapsed_s": round(self.state.elapsed_s, 3)})
+                self._record(row | self.step_metrics | info | {"elapsed_s": round(self.state.elapsed_s, 3)})
+            if samples:
+                self._record({"step": step, "samples": samples})
+                self._say(f"step {step} samples:\n" + "\n".join(_sample_line(s) for s in samples))
             self._notify(self.monitor.observe(step, loss, grad_norm))
         else:
             self._skip(step, loss, grad_norm, lr, examples)
@@ -437,6 +452,7 @@ class Trainer:
             return None
         s = self.state
         s.monitor = self.monitor.state_dict()
+        s.objective = self.objective.state_dict()
         if s.eval_loss is not None and (s.best_eval_loss is None or s.eval_loss < s.best_eval_loss):
             s.best_eval_loss, s.best_checkpoint = s.eval_loss, f"checkpoint-{s.step}"
         hooks = [cb.on_checkpoint_written for cb in self.callbacks]
@@ -467,6 +483,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt.torch_state["scheduler"])
         self._apply_learning_rate()
         self.monitor.load_state_dict(saved.monitor)
+        self.objective.load_state_dict(saved.objective)
         self.state = saved
         if self.run_dir and (ckpt.path / METRICS).exists():
             rank0_only(shutil.copyfile, ckpt.path / METRICS, self.run_dir / METRICS)
@@ -495,7 +512,7 @@ class Trainer:
         longest = max(range(len(self.examples)), key=lambda i: self.objective.length(self.examples[i]))
         probe = self.examples[longest]
         reserve = optimizer_state_bytes(self.params, self.cfg.optim)
-        per_rank = self.per_step // self.world_size
+        per_rank = self.rows_per_step // self.world_size
         found = largest_fitting(per_rank, lambda bs: self._fits(probe, bs, reserve))
         if found is None:
             raise TrainingError(
@@ -575,6 +592,17 @@ _MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")
 
 
 @torch.no_grad()
+def _sample_line(sample: dict) -> str:
+    """One printed sample: its reward, then prompt and completion shortened to a line each."""
+
+    def short(text: str, n: int) -> str:
+        text = " ".join(str(text).split())
+        return text if len(text) <= n else text[: n - 3] + "..."
+
+    prompt, completion = short(sample["prompt"], 60), short(sample["completion"], 100)
+    return f"  reward {sample.get('reward', float('nan')):+.3f}  {prompt!r} -> {completion!r}"
+
+
 def evaluate_loss(model: CausalLM, examples: Sequence[dict], pad_id: int, batch_size: int = 8) -> float:
     """Mean token loss over `examples` (the loss definition the trainer uses)."""
     was_training = model.training

@@ -78,6 +78,12 @@ def check_paths(cfg: RunConfig) -> None:
 
     if cfg.train.method == "sft":
         check_files(cfg.data)
+    elif cfg.train.method == "grpo":
+        from velotune.data.prompts import check_prompt_files
+        from velotune.train.rewards import load_reward_funcs
+
+        check_prompt_files(cfg.data)
+        load_reward_funcs(cfg.train.reward_funcs or [])  # a bad import path fails before the model loads
     else:
         check_preference_files(cfg.data)
     if cfg.train.adapter:
@@ -144,6 +150,16 @@ def check_resume(checkpoint: Path, resolved: dict[str, Any], log: Callable[[str]
 def load_data(cfg: RunConfig, tok: Any) -> tuple[Any, Any]:
     """Train and eval datasets (SFT examples, or preference pairs for dpo / orpo / simpo); an SFT dataset with
     nothing to train on fails with the example that shows why."""
+    if cfg.train.method == "grpo":
+        from velotune.data.prompts import build_prompt_datasets, require_columns
+        from velotune.train.rewards import columns_read, load_reward_funcs
+
+        train, held = build_prompt_datasets(cfg.data, tok, cfg.train.max_prompt_length)
+        needed = {name: columns_read(fn) for name, fn in load_reward_funcs(cfg.train.reward_funcs or [])}
+        for ds in (train, held):
+            if ds is not None:
+                require_columns(ds, needed)
+        return train, held
     if cfg.train.method != "sft":
         from velotune.data.preference import build_preference_datasets
 
@@ -169,7 +185,7 @@ class RunResult:
     peak_memory: int | None = None  # bytes, CUDA only
     planned_memory: int | None = None
     plot_note: str = ""
-    preference_before: dict | None = None  # dpo / orpo / simpo: eval metrics before and after training
+    preference_before: dict | None = None  # dpo / orpo / simpo / grpo: eval metrics before and after training
     preference_after: dict | None = None
 
 
@@ -248,7 +264,7 @@ def run(
     log(f"model {name} on {device} ({dtype}{quant}): {trainable:,} of {total:,} parameters train")
 
     pad_id = tok.pad_token_id
-    objective = build_objective(cfg.train)
+    objective = build_objective(cfg.train, tok)
     samples = held_out_samples(cfg.data, cfg.train.compare_samples) if cfg.train.method == "sft" else []
     if samples:
         log(f"answering {len(samples)} held-out prompts with the base model ({cfg.train.max_new_tokens} new tokens)")

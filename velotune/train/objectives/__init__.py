@@ -6,15 +6,43 @@ from typing import Any
 
 from velotune.errors import ConfigError
 from velotune.train.objectives.base import Objective
+from velotune.train.objectives.grpo import GRPO
 from velotune.train.objectives.preference import DPO, ORPO, PreferenceObjective, SimPO
 from velotune.train.objectives.sft import SFT
 
-METHODS = ("sft", "dpo", "orpo", "simpo")
+METHODS = ("sft", "dpo", "orpo", "simpo", "grpo")
 
 
-def build_objective(cfg: Any) -> Objective:
-    """The objective a TrainConfig names (method, beta, loss_type, label_smoothing, simpo_gamma)."""
+def build_objective(cfg: Any, tokenizer: Any = None) -> Objective:
+    """The objective a TrainConfig names (method, beta, loss_type, label_smoothing, simpo_gamma; for grpo its
+    generation and reward keys, and the tokenizer that decodes completions)."""
     method = getattr(cfg, "method", "sft")
+    if method == "grpo":
+        from velotune.train.rewards import load_reward_funcs
+
+        return GRPO(
+            load_reward_funcs(cfg.reward_funcs),
+            tokenizer,
+            num_generations=cfg.num_generations,
+            max_completion_length=cfg.max_completion_length,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            min_p=cfg.min_p,
+            repetition_penalty=cfg.repetition_penalty,
+            beta=cfg.beta,
+            epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high,
+            loss_type=cfg.loss_type,
+            scale_rewards=cfg.scale_rewards,
+            num_iterations=cfg.num_iterations,
+            mask_truncated_completions=cfg.mask_truncated_completions,
+            reward_weights=cfg.reward_weights,
+            micro_batch_size=cfg.per_device_train_batch_size,
+            seed=cfg.seed,
+            log_completions_steps=cfg.log_completions_steps,
+            num_completions_to_print=cfg.num_completions_to_print,
+        )
     if method == "sft":
         return SFT()
     if method == "dpo":
@@ -26,4 +54,4 @@ def build_objective(cfg: Any) -> Objective:
     raise ConfigError(f"method {method!r} is not one of {', '.join(METHODS)}")
 
 
-__all__ = ["DPO", "METHODS", "ORPO", "SFT", "Objective", "PreferenceObjective", "SimPO", "build_objective"]
+__all__ = ["DPO", "GRPO", "METHODS", "ORPO", "SFT", "Objective", "PreferenceObjective", "SimPO", "build_objective"]

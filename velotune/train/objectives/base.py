@@ -25,10 +25,29 @@ class Objective:
     name = "objective"
     metric_unit = "targets"  # the count that metric sums are divided by
     inputs: tuple[str, ...] = ()  # batch keys moved to the device
+    rows_per_example = 1  # training rows one dataset example becomes (GRPO: num_generations completions)
+    iterations = 1  # optimizer steps each step's rows are trained for (GRPO's num_iterations)
 
     def setup(self, model: nn.Module) -> None:
         """Called once by the Trainer with the (unwrapped) model being trained."""
         self.model = model
+
+    def prepare_step(self, examples: list[dict], step: int) -> list[dict]:
+        """The training rows of optimizer step `step` from its dataset examples (identity; GRPO generates and scores
+        completions here). Called once per step, before micro-batches are cut."""
+        return examples
+
+    def step_info(self) -> dict:
+        """Metrics of the last prepared step for its metrics row (GRPO: rewards, lengths, timings); a "samples"
+        entry holds example completions to print and record."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state a checkpoint must carry for an exact resume."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def length(self, example: dict) -> int:
         """Tokens of the longest sequence this example becomes (OOM messages, micro-batch search)."""

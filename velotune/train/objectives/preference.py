@@ -14,8 +14,7 @@ adapter trained further from an SFT run, or full / partial fine-tuning: a copy o
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +22,9 @@ from torch import nn
 
 from velotune.data import collate
 from velotune.errors import ConfigError
-from velotune.lora.apply import disable_adapters, lora_layers
 from velotune.models.decoder import count_targets
 from velotune.train.objectives.base import Objective
+from velotune.train.objectives.reference import ReferencePolicy
 from velotune.train.objectives.sft import MODEL_INPUTS
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
@@ -113,41 +112,18 @@ class DPO(PreferenceObjective):
         if loss_type not in DPO_LOSS_TYPES:
             raise ConfigError(f"loss_type {loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
         self.loss_type = loss_type
-        self._snapshot: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.reference = ReferencePolicy()
 
     def setup(self, model: nn.Module) -> None:
-        """Choose the reference: LoRA switched off for a fresh adapter (its B is zero); otherwise a copy of the
-        trainable parameters' starting values (an adapter continued from an SFT run; full / partial fine-tuning)."""
+        """Choose the reference (objectives/reference.py) from the model as training starts."""
         super().setup(model)
-        layers = lora_layers(model).values()
-        fresh_lora = bool(layers) and all(not bool(layer.lora_B.detach().any()) for layer in layers)
-        if not fresh_lora:
-            params = [p for p in model.parameters() if p.requires_grad]
-            self._snapshot = [(p, p.detach().clone()) for p in params]
-
-    @contextlib.contextmanager
-    def reference_weights(self) -> Iterator[None]:
-        """Inside: the model is the reference model."""
-        if self._snapshot is None:
-            with disable_adapters(self.model):
-                yield
-            return
-        current = [p.detach().clone() for p, _ in self._snapshot]
-        with torch.no_grad():
-            for p, start in self._snapshot:
-                p.copy_(start)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for (p, _), now in zip(self._snapshot, current, strict=True):
-                    p.copy_(now)
+        self.reference.capture(model)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "ref_logps" in batch:
             return batch["ref_logps"]
-        with self.reference_weights():
+        with self.reference.weights():
             return self.policy_logps(self.model, batch)[0]
 
     @torch.no_grad()
