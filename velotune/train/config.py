@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -239,6 +240,14 @@ class TrainConfig:
                 raise ConfigError(
                     f"num_generations is {self.num_generations}; GRPO compares completions within a group of the "
                     "same prompt, so it needs at least 2 (8 is usual)"
+                )
+            rows = self.per_device_train_batch_size * self.gradient_accumulation_steps
+            rows *= int(os.environ.get("WORLD_SIZE", "1"))
+            if rows % self.num_generations:
+                raise ConfigError(
+                    f"per_device_train_batch_size x gradient_accumulation_steps x processes = {rows} completions per "
+                    f"step is not a whole number of groups of {self.num_generations} (num_generations); make it a "
+                    f"multiple of {self.num_generations}"
                 )
             _choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
             for name in ("max_completion_length", "num_iterations"):
