@@ -40,18 +40,24 @@ def load_model(
 
 def fit(model: CausalLM, tokenizer: Any, dataset: str | Path, **kwargs: Any) -> TrainResult:
     """Train `model` in place on a dataset file; keyword arguments are config keys (learning_rate, max_steps, ...;
-    method="dpo" / "orpo" / "simpo" with beta, loss_type, ... trains on preference pairs)."""
+    method="dpo" / "orpo" / "simpo" with beta, loss_type, ... trains on preference pairs; method="grpo" with
+    reward_funcs=[callables or names] on prompts)."""
     bad = [k for k in kwargs if k in KEYS and KEYS[k][0] == "lora"]
     if bad:
         raise ConfigError(f"{', '.join(bad)}: LoRA settings belong to get_peft_model(), not fit()")
     from velotune.train.objectives import build_objective
+    from velotune.train.rewards import reward_name
     from velotune.train.run import check_paths, load_data
 
+    funcs = kwargs.pop("reward_funcs", None)
+    funcs = [funcs] if callable(funcs) or isinstance(funcs, str) else funcs
+    if funcs is not None:  # the config holds names; the functions themselves go to the objective
+        kwargs["reward_funcs"] = [f if isinstance(f, str) else reward_name(f) for f in funcs]
     cfg = run_config_from_dict({"dataset": str(dataset), **kwargs}, source="fit()")
     data: DataConfig = cfg.data
     tc: TrainConfig = cfg.train
-    check_paths(cfg)
-    train_ds, _ = load_data(cfg, tokenizer)
+    check_paths(cfg, funcs)
+    train_ds, _ = load_data(cfg, tokenizer, funcs)
     model.gradient_checkpointing = tc.gradient_checkpointing
     model.checkpoint_layers, why = resolve_checkpoint_layers(cfg, model.config, next(model.parameters()).device)
     if why:
@@ -67,7 +73,7 @@ def fit(model: CausalLM, tokenizer: Any, dataset: str | Path, **kwargs: Any) -> 
         out_dir,
         data.packing,
         data.max_seq_length,
-        objective=build_objective(tc),
+        objective=build_objective(tc, tokenizer, funcs),
     )
     return trainer.train()
 

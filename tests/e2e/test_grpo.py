@@ -176,3 +176,27 @@ def test_reward_reading_a_missing_column_is_named_before_training(tiny_model_dir
     done = _cli(args)
     assert done.returncode == 2
     assert "length_gap reads column 'answer'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_fit_trains_grpo_with_a_callable_reward(tiny_model_dir, data):
+    from velotune import fit, get_peft_model, load_model
+
+    def short(completions, **kwargs):
+        return [-len(c[0]["content"]) / 10 for c in completions]
+
+    model, tokenizer = load_model(str(tiny_model_dir), device="cpu")
+    model = get_peft_model(model, r=4, lora_alpha=8)
+    result = fit(
+        model,
+        tokenizer,
+        data[0],
+        method="grpo",
+        reward_funcs=[short],
+        num_generations=2,
+        per_device_train_batch_size=4,
+        max_completion_length=4,
+        max_steps=2,
+        learning_rate=1e-2,
+        gradient_checkpointing=False,
+    )
+    assert result.steps == 2 and len(result.losses) == 2

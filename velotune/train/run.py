@@ -70,7 +70,7 @@ def run_dir_for(cfg: RunConfig) -> Path:
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_paths(cfg: RunConfig) -> None:
+def check_paths(cfg: RunConfig, reward_funcs: list | None = None) -> None:
     """Fail on a missing, empty or malformed dataset file (its first rows, read as training reads them), or on data
     of the wrong kind for the method, before spending time loading the model."""
     from velotune.data import check_files
@@ -83,7 +83,7 @@ def check_paths(cfg: RunConfig) -> None:
         from velotune.train.rewards import load_reward_funcs
 
         check_prompt_files(cfg.data)
-        load_reward_funcs(cfg.train.reward_funcs or [])  # a bad import path fails before the model loads
+        load_reward_funcs(reward_funcs or cfg.train.reward_funcs or [])  # a bad path fails before the model loads
     else:
         check_preference_files(cfg.data)
     if cfg.train.adapter:
@@ -147,7 +147,7 @@ def check_resume(checkpoint: Path, resolved: dict[str, Any], log: Callable[[str]
         log(f"resuming with changed settings: {', '.join(f'{k}: {saved[k]!r} -> {resolved[k]!r}' for k in changed)}")
 
 
-def load_data(cfg: RunConfig, tok: Any) -> tuple[Any, Any]:
+def load_data(cfg: RunConfig, tok: Any, reward_funcs: list | None = None) -> tuple[Any, Any]:
     """Train and eval datasets (SFT examples, or preference pairs for dpo / orpo / simpo); an SFT dataset with
     nothing to train on fails with the example that shows why."""
     if cfg.train.method == "grpo":
@@ -155,7 +155,8 @@ def load_data(cfg: RunConfig, tok: Any) -> tuple[Any, Any]:
         from velotune.train.rewards import columns_read, load_reward_funcs
 
         train, held = build_prompt_datasets(cfg.data, tok, cfg.train.max_prompt_length)
-        needed = {name: columns_read(fn) for name, fn in load_reward_funcs(cfg.train.reward_funcs or [])}
+        funcs = load_reward_funcs(reward_funcs or cfg.train.reward_funcs or [])
+        needed = {name: columns_read(fn) for name, fn in funcs}
         for ds in (train, held):
             if ds is not None:
                 require_columns(ds, needed)

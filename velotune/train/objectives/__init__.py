@@ -13,15 +13,16 @@ from velotune.train.objectives.sft import SFT
 METHODS = ("sft", "dpo", "orpo", "simpo", "grpo")
 
 
-def build_objective(cfg: Any, tokenizer: Any = None) -> Objective:
+def build_objective(cfg: Any, tokenizer: Any = None, reward_funcs: list | None = None) -> Objective:
     """The objective a TrainConfig names (method, beta, loss_type, label_smoothing, simpo_gamma; for grpo its
-    generation and reward keys, and the tokenizer that decodes completions)."""
+    generation and reward keys, the tokenizer that decodes completions, and reward functions given as callables
+    rather than the config's names)."""
     method = getattr(cfg, "method", "sft")
     if method == "grpo":
         from velotune.train.rewards import load_reward_funcs
 
         return GRPO(
-            load_reward_funcs(cfg.reward_funcs),
+            load_reward_funcs(reward_funcs or cfg.reward_funcs),
             tokenizer,
             num_generations=cfg.num_generations,
             max_completion_length=cfg.max_completion_length,
