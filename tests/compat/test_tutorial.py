@@ -192,6 +192,7 @@ def test_tutorial_runs_on_the_tiny_checkpoint(tiny_model_dir, tmp_path):
     _check(run_tutorial(str(tiny_model_dir), tmp_path), tmp_path)
 
 
+@pytest.mark.slow  # ~20 min on 2 cores (the real 135M model through every tutorial step); the tiny one runs above
 def test_tutorial_runs_on_smollm2_gguf(tmp_path):
     from tests.conftest import smollm2_gguf
     from velotune.train.config import TrainConfig

@@ -91,6 +91,7 @@ def test_pre_quantized_checkpoint_without_4bit_loading_says_how(tiny_dir, tmp_pa
         load_model(bnb_dir, torch.float32, with_tokenizer=False)
 
 
+@pytest.mark.slow  # ~2 min on 2 cores; the 4-bit layout and loading are checked on small tensors above
 def test_4bit_smollm2_answers_and_keeps_perplexity(smollm2):
     """NF4 re-quantizes the GGUF's Q4_1 values (two 4-bit roundings of a 135M model): measured 2026-11-23,
     perplexity 23.29 -> 37.41 on this text; the answer stays right."""
