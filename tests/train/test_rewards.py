@@ -124,9 +124,15 @@ def test_length_penalty_is_the_share_of_max_completion_length():
 
 def test_iso_date_rewards_the_answer_then_any_date(form):
     completions = form(
-        "2020-05-03", "<think>May is 05</think>\n2020-05-03\n", "2020-03-05", "2020-13-40", "May 3", "It is 2020-05-03."
+        "2020-05-03",
+        "<think>May is 05</think>\n2020-05-03\n",
+        "2020-03-05",
+        "2020-13-40",
+        "May 3",
+        "It is 2020-05-03.",
+        "2029-09-22 2049",
     )
-    assert iso_date(completions, answer=["2020-05-03"] * 6) == [1.0, 1.0, 0.5, 0.0, 0.0, 0.25]
+    assert iso_date(completions, answer=["2020-05-03"] * 7) == [1.0, 1.0, 0.5, 0.25, 0.0, 0.5, 0.25]
 
 
 def test_builtins_load_by_name():

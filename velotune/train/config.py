@@ -458,10 +458,10 @@ def with_defaults(values: dict[str, Any]) -> dict[str, Any]:
         out.setdefault("reward_funcs", ["iso_date"])
         out.setdefault("max_steps", 30)
         out.setdefault("gradient_checkpointing", False)
-        out.setdefault("num_generations", 4)
-        out.setdefault("per_device_train_batch_size", 8)
+        out.setdefault("num_generations", 8)
+        out.setdefault("per_device_train_batch_size", 8)  # one prompt's group of 8 per step
         out.setdefault("max_completion_length", 16)
-        out.setdefault("learning_rate", 5e-4)
+        out.setdefault("learning_rate", 1e-3)
         out.setdefault("warmup_steps", 2)
         out.setdefault("max_seq_length", 256)
         out.setdefault("log_completions_steps", 10)

@@ -161,8 +161,8 @@ def _is_iso_date(text: str) -> bool:
 @_builtin
 def iso_date(completions: list, answer: list, **kwargs) -> list[float | None]:
     """The bundled date demo's reward, graded so that a group of a small model's samples differs: 1.0 for the answer
-    column exactly, 0.5 for any other lone YYYY-MM-DD date, 0.25 for a reply that holds the right date among other
-    text, 0.0 otherwise; None where the row has no answer."""
+    column exactly, 0.5 for the right date among other text or any other lone YYYY-MM-DD date, 0.25 for a reply that
+    holds something of the YYYY-MM-DD shape, 0.0 otherwise; None where the row has no answer."""
     scores: list[float | None] = []
     for c, a in zip(completions, answer, strict=True):
         part, want = answer_text(c), None if a is None else str(a).strip()
@@ -170,10 +170,10 @@ def iso_date(completions: list, answer: list, **kwargs) -> list[float | None]:
             scores.append(None)
         elif part == want:
             scores.append(1.0)
-        elif _is_iso_date(part):
+        elif _is_iso_date(part) or want in ISO_DATE.findall(part):
             scores.append(0.5)
         else:
-            scores.append(0.25 if want in ISO_DATE.findall(part) else 0.0)
+            scores.append(0.25 if ISO_DATE.search(part) else 0.0)
     return scores
 
 
