@@ -324,7 +324,8 @@ class VelotuneForCausalLM(nn.Module):
         """Token ids [B, prompt + new] like transformers' generate; see velotune.compat.generation.generate."""
         from velotune.compat.generation import generate
 
-        return generate(self.model, self.generation_config, inputs, **kwargs)
+        config = kwargs.pop("generation_config", None) or self.generation_config  # TRL passes its own
+        return generate(self.model, config, inputs, **kwargs)
 
     def can_generate(self) -> bool:
         return True
