@@ -79,15 +79,16 @@ class Objective:
         self.model.eval()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        batches = []
+        batches = []  # collated on the host; each goes to the device only while it is evaluated
         for i in range(0, len(examples), batch_size):
             b = self.collate(list(examples[i : i + batch_size]), pad_id)
-            batches.append({k: v.to(self.model.device) for k, v in b.items() if k in self.inputs})
+            batches.append({k: v for k, v in b.items() if k in self.inputs})
         for b in batches:
             for k, v in self.counts(b).items():
                 counts[k] = counts.get(k, 0) + v
         totals = {k: max(v, 1) for k, v in counts.items()}
-        for b in batches:
+        for host in batches:
+            b = {k: v.to(self.model.device) for k, v in host.items()}
             loss, metrics = self.loss(self.model, b, totals)
             sums["loss"] = sums.get("loss", 0.0) + float(loss)
             for k, v in metrics.items():
