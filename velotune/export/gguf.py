@@ -91,20 +91,20 @@ class _Piece:
 
 
 def _safetensors_sources(model_dir: Path) -> dict[str, _Source]:
-    """Every tensor of the checkpoint (single file or sharded with an index), by Hugging Face name."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (model_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
+    """Every tensor of the checkpoint (single file or sharded with an index), by Hugging Face name. A missing shard,
+    an index or header that is not JSON, a truncated file: one ModelLoadError naming the file (models/load.py's
+    checks, the ones loading uses)."""
+    from velotune.models.load import open_safetensors, safetensors_files
+
+    if not (model_dir / "model.safetensors.index.json").is_file() and not list(model_dir.glob("*.safetensors")):
         raise ModelLoadError(
             f"{model_dir}: no model.safetensors or model.safetensors.index.json; GGUF export reads safetensors "
             "checkpoints, so save the model with save_pretrained(..., safe_serialization=True) first"
         )
     sources: dict[str, _Source] = {}
-    for fname in files:
-        path = model_dir / fname
+    for path in safetensors_files(model_dir):
+        with open_safetensors(path):  # validates the header and that the data covers it
+            pass
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))

@@ -164,7 +164,7 @@ def _read_json(file: Path, expected: str) -> Any:
         ) from exc
 
 
-def _safetensors_files(path: Path) -> list[Path]:
+def safetensors_files(path: Path) -> list[Path]:
     """The weight files of a HF directory: the shards its index names (each must exist), else every *.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -194,7 +194,7 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 @contextmanager
-def _open_safetensors(file: Path) -> Iterator[Any]:
+def open_safetensors(file: Path) -> Iterator[Any]:
     """safe_open, whose header check (size, JSON, every byte covered) fails as a ModelLoadError naming the file."""
     from safetensors import SafetensorError, safe_open
 
@@ -214,7 +214,7 @@ def safetensors_keys(files: list[Path]) -> list[str]:
     """The tensor names of every file, read from the headers only: a corrupt file fails here, before any weight."""
     keys: list[str] = []
     for f in files:
-        with _open_safetensors(f) as handle:
+        with open_safetensors(f) as handle:
             keys.extend(handle.keys())
     return keys
 
@@ -222,7 +222,7 @@ def safetensors_keys(files: list[Path]) -> list[str]:
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors one at a time, shard by shard, so peak memory stays near one tensor."""
     for f in files:
-        with _open_safetensors(f) as handle:
+        with open_safetensors(f) as handle:
             for key in handle.keys():
                 yield key, handle.get_tensor(key)
 
@@ -353,7 +353,7 @@ def load_hf_dir(
             hf["model_type"],
         )
     cfg = family_for(hf["model_type"]).from_hf(hf)
-    files = _safetensors_files(path)
+    files = safetensors_files(path)
     keys = safetensors_keys(files)  # every header readable before any weight is read
     model = build_empty(cfg)
     if hasattr(hook, "prepare"):
