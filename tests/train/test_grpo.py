@@ -262,3 +262,31 @@ def test_peft_names_cover_the_adapter():
     ours = ours_from(hf)
     for name in lora_layers(ours):
         assert peft_lora(peft_model, name, "lora_A") is not None
+
+
+def test_grpo_config_defaults_follow_trl_and_one_group_per_micro_batch():
+    from velotune.errors import ConfigError
+    from velotune.train.config import run_config_from_dict
+
+    cfg = run_config_from_dict(
+        {"method": "grpo", "reward_funcs": "think_format,answer_match", "reward_weights": "1,0.5"}
+    )
+    t = cfg.train
+    assert (t.beta, t.loss_type, t.num_generations, t.per_device_train_batch_size) == (0.0, "dapo", 8, 8)
+    assert t.reward_funcs == ["think_format", "answer_match"] and t.reward_weights == [1.0, 0.5]
+    assert (
+        run_config_from_dict(
+            {"method": "grpo", "reward_funcs": "x:y", "num_generations": 4}
+        ).train.per_device_train_batch_size
+        == 4
+    )
+    assert (run_config_from_dict({"method": "dpo"}).train.beta, run_config_from_dict({}).train.loss_type) == (
+        0.1,
+        "sigmoid",
+    )
+    with pytest.raises(ConfigError, match="method grpo needs reward_funcs"):
+        run_config_from_dict({"method": "grpo"})
+    with pytest.raises(ConfigError, match="reward_weights has 1 values for 2 reward_funcs"):
+        run_config_from_dict({"method": "grpo", "reward_funcs": "a:b,c:d", "reward_weights": "1"})
+    with pytest.raises(ConfigError, match="loss_type"):
+        run_config_from_dict({"method": "grpo", "reward_funcs": "a:b", "loss_type": "sigmoid"})

@@ -414,6 +414,11 @@ def _coerce_one(value: Any, kind: Any) -> Any:
         return str(value)
     if base is list:
         items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        (element,) = typing.get_args(kind) or (str,)
+        if element is float:  # reward_weights: numbers, a bool is not one
+            if any(isinstance(v, bool) for v in items):
+                raise ValueError
+            return [float(str(v).strip()) for v in items]
         return [str(v).strip() for v in items]
     if base is dict:
         if not isinstance(value, dict):
@@ -425,6 +430,9 @@ def _coerce_one(value: Any, kind: Any) -> Any:
 def run_config_from_dict(values: dict[str, Any], source: str = "config") -> RunConfig:
     """Build a RunConfig from a flat mapping; unknown keys and bad values raise ConfigError."""
     parts: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    if values.get("method") == "grpo" and "per_device_train_batch_size" not in values:
+        # GRPO's micro-batch counts completions: by default one group (TRL's default batch 8 = num_generations 8)
+        values = {**values, "per_device_train_batch_size": values.get("num_generations", 8)}
     for key, value in values.items():
         if key not in KEYS:
             close = difflib.get_close_matches(key, list(KEYS), n=3)
