@@ -245,7 +245,7 @@ class GRPO(Objective):
 
     def _generate_and_score(self, examples: list[dict], index: int) -> tuple[list[dict], dict[str, Any]]:
         from velotune.models.generate import SamplingParams, generate_batch, stop_token_ids
-        from velotune.train.rewards import completion_text, score_completions
+        from velotune.train.rewards import completion_text
 
         model, group = self.model, self.rows_per_example
         params = SamplingParams(
@@ -256,17 +256,12 @@ class GRPO(Objective):
             **self.sampling,
         )
         done = generate_batch(model, [e["prompt_ids"] for e in examples], params, tokenizer=self.tokenizer)
-        prompts = [e["prompt"] for e in examples for _ in range(group)]
+        per_row = [e for e in examples for _ in range(group)]  # completion i answers per_row[i]
+        per_func = self._score(per_row, done)  # [N, F], NaN where a function returned None
+        prompts = [e["prompt"] for e in per_row]
         conversational = bool(prompts) and isinstance(prompts[0], list)
         texts = [c.text or "" for c in done]
-        completions: list[Any] = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-        names = sorted({k for e in examples for k in e.get("columns", {})})
-        columns = {k: [e.get("columns", {}).get(k) for e in examples for _ in range(group)] for k in names}
-        rows_src = [str(e.get("row", "?")) for e in examples for _ in range(group)]
-        ids = [c.tokens for c in done]
-        per_func = score_completions(
-            self.funcs, prompts, completions, columns, ids, rows_src, self.max_completion_length
-        )  # [N, F], NaN where a function returned None
+        rows_src = [str(e.get("row", "?")) for e in per_row]
         unscorable = torch.isnan(per_func).all(dim=1)
         rewards = (per_func * self.weights[None, :]).nansum(dim=1)
         rewards[unscorable] = float("nan")
@@ -305,6 +300,21 @@ class GRPO(Objective):
             info[f"rewards/{name}/mean"] = _finite_mean(col)
             info[f"rewards/{name}/std"] = float(_nanstd(col)) if len(col) > 1 else 0.0
         return rows, info
+
+    def _score(self, examples: list[dict], done: list) -> torch.Tensor:
+        """Every reward function on completion i of examples[i] (TRL's call: prompts, completions in the prompts'
+        form, the other columns, completion_ids): float32 [N, F], NaN where a function returned None."""
+        from velotune.train.rewards import score_completions
+
+        prompts = [e["prompt"] for e in examples]
+        texts = [c.text or "" for c in done]
+        conversational = bool(prompts) and isinstance(prompts[0], list)
+        completions: list[Any] = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        names = sorted({k for e in examples for k in e.get("columns", {})})
+        columns = {k: [e.get("columns", {}).get(k) for e in examples] for k in names}
+        rows = [str(e.get("row", "?")) for e in examples]
+        ids = [c.tokens for c in done]
+        return score_completions(self.funcs, prompts, completions, columns, ids, rows, self.max_completion_length)
 
     @torch.no_grad()
     def _attach_logps(self, rows: list[dict], old: bool) -> None:
@@ -349,7 +359,6 @@ class GRPO(Objective):
         """Mean reward of one greedy completion per held-out prompt (eval_loss: its negative, for early stopping),
         and the mean of each reward function."""
         from velotune.models.generate import SamplingParams, generate_batch, stop_token_ids
-        from velotune.train.rewards import score_completions
 
         examples = list(examples)
         params = SamplingParams(max_new_tokens=self.max_completion_length, eos_token_ids=stop_token_ids(self.tokenizer))
@@ -357,21 +366,7 @@ class GRPO(Objective):
         for i in range(0, len(examples), batch_size * 4):
             part = examples[i : i + batch_size * 4]
             done += generate_batch(self.model, [e["prompt_ids"] for e in part], params, tokenizer=self.tokenizer)
-        prompts = [e["prompt"] for e in examples]
-        conversational = bool(prompts) and isinstance(prompts[0], list)
-        texts = [c.text or "" for c in done]
-        completions: list[Any] = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-        names = sorted({k for e in examples for k in e.get("columns", {})})
-        columns = {k: [e.get("columns", {}).get(k) for e in examples] for k in names}
-        per_func = score_completions(
-            self.funcs,
-            prompts,
-            completions,
-            columns,
-            [c.tokens for c in done],
-            [str(e.get("row", "?")) for e in examples],
-            self.max_completion_length,
-        )
+        per_func = self._score(examples, done)
         rewards = (per_func * self.weights[None, :]).nansum(dim=1)
         reward = _finite_mean(rewards)
         out = {"eval_loss": -reward, "eval_reward": reward}
