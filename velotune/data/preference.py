@@ -292,19 +292,41 @@ class PairEncoder:
 
 
 @dataclass
-class PreferenceStats:
-    """What happened to every row read: a pair used, or dropped (with the reason), and the tokens that came out."""
+class RowCounts:
+    """Rows read, used and dropped by reason, with the first SHOWN messages: shared by the preference and prompt
+    datasets' stats."""
 
     name: str = "train"
     source: str = ""
-    formats: dict[str, int] = field(default_factory=dict)  # format -> pairs used
-    max_length: int | None = None
-    max_prompt_length: int | None = None
-    truncation_mode: str = "keep_end"
     rows_read: int = 0
     rows_used: int = 0
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows
     errors: list[str] = field(default_factory=list)  # the first SHOWN "file:line: reason" messages
+
+    @property
+    def rows_dropped(self) -> int:
+        """Rows that gave nothing to train on, for any reason."""
+        return sum(self.dropped.values())
+
+    def count(self, used: bool, reason: str | None = None, message: str | None = None) -> None:
+        """Count one row read: used, or dropped for `reason` with `message`."""
+        self.rows_read += 1
+        if used:
+            self.rows_used += 1
+            return
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if len(self.errors) < SHOWN:
+            self.errors.append(message)
+
+
+@dataclass
+class PreferenceStats(RowCounts):
+    """What happened to every row read: a pair used, or dropped (with the reason), and the tokens that came out."""
+
+    formats: dict[str, int] = field(default_factory=dict)  # format -> pairs used
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    truncation_mode: str = "keep_end"
     prompt_cut: int = 0
     answers_cut: int = 0
     truncated: int = 0  # pairs with either cut
@@ -313,21 +335,12 @@ class PreferenceStats:
     chosen_tokens: int = 0
     rejected_tokens: int = 0
 
-    @property
-    def rows_dropped(self) -> int:
-        """Rows that made no pair, for any reason."""
-        return sum(self.dropped.values())
-
     def add(self, out: Outcome) -> None:
         """Count one row read."""
-        self.rows_read += 1
+        self.count(out.example is not None, out.reason, out.message)
         if out.example is None:
-            self.dropped[out.reason] = self.dropped.get(out.reason, 0) + 1
-            if len(self.errors) < SHOWN:
-                self.errors.append(out.message)
             return
         e = out.example
-        self.rows_used += 1
         self.formats[out.fmt] = self.formats.get(out.fmt, 0) + 1
         self.prompt_cut += out.prompt_cut
         self.answers_cut += out.answers_cut

@@ -26,7 +26,7 @@ from velotune.data.config import DataConfig
 from velotune.data.dataset import split_indices
 from velotune.data.formats import CANONICAL_FIELDS, apply_field_map
 from velotune.data.formats._turns import normalise_turns
-from velotune.data.preference import BAD_ROWS, SHOWN, BadRow, encode_rows, first_row  # encode_rows needs only .encode
+from velotune.data.preference import BAD_ROWS, BadRow, RowCounts, encode_rows, first_row  # encode_rows: .encode
 from velotune.data.rendering import Renderer
 from velotune.data.sources import open_source
 from velotune.data.templates import resolve_template, with_system_prompt
@@ -138,36 +138,21 @@ class PromptEncoder:
 
 
 @dataclass
-class PromptStats:
+class PromptStats(RowCounts):
     """What happened to every row read: a prompt used, or dropped (with the reason), and its tokens."""
 
-    name: str = "train"
-    source: str = ""
     max_prompt_length: int | None = None
-    rows_read: int = 0
-    rows_used: int = 0
     kinds: dict[str, int] = field(default_factory=dict)  # "text" or "messages" -> prompts used
-    dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows
-    errors: list[str] = field(default_factory=list)  # the first SHOWN "file:line: reason" messages
     truncated: int = 0
     prompt_tokens: int = 0
     max_tokens: int = 0
     columns: dict[str, int] = field(default_factory=dict)  # extra column -> prompts used that have it
 
-    @property
-    def rows_dropped(self) -> int:
-        """Rows that gave no prompt, for any reason."""
-        return sum(self.dropped.values())
-
     def add(self, out: Outcome) -> None:
         """Count one row read."""
-        self.rows_read += 1
+        self.count(out.ids is not None, out.reason, out.message)
         if out.ids is None:
-            self.dropped[out.reason] = self.dropped.get(out.reason, 0) + 1
-            if len(self.errors) < SHOWN:
-                self.errors.append(out.message)
             return
-        self.rows_used += 1
         kind = "text" if isinstance(out.prompt, str) else "messages"
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
         self.truncated += out.truncated
