@@ -50,6 +50,23 @@ def attention_reference(
     return torch.softmax(scores, dim=-1).to(v.dtype) @ v
 
 
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query per row (a decode step): q [B, Hq, 1, D] over k/v [B, Hk, Tk, D] with mask [B, 1, 1, Tk].
+
+    The Hq / Hk query heads that share a key head become that head's rows of one matmul, so the cache is read once
+    and never expanded (SDPA with a mask and grouped heads takes its math path, which repeats the keys per query head).
+    Scores and softmax in float32, as the reference."""
+    b, hq, _, d = q.shape
+    hk = k.shape[1]
+    qg = q.reshape(b, hk, hq // hk, d)  # [B, Hk, G, D]
+    scores = (qg @ k.transpose(-1, -2)).float() * scale  # [B, Hk, G, Tk]
+    scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, Tk] broadcasts over heads and groups
+    out = torch.softmax(scores, dim=-1).to(v.dtype) @ v  # [B, Hk, G, D]
+    return out.reshape(b, hq, 1, d)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,6 +83,8 @@ def attention(
         reference_notice("soft-capped attention", "this torch has no FlexAttention (torch >= 2.5)", q)
         return attention_reference(q, k, v, mask, causal, scale, softcap)
     gqa = q.shape[1] != k.shape[1]
+    if mask is not None and q.shape[2] == 1 and q.is_cuda:
+        return decode_attention(q, k, v, mask, scale)
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)

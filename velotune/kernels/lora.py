@@ -85,7 +85,12 @@ def _lora_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [N, out], xl2 A^T [N, r]) for x2, xl2 [N, in]; A, B already in x2's dtype."""
     xa = xl2 @ a.t()  # [N, r]
-    y = F.linear(x2, _materialize(weight), bias)  # [N, out]
+    small = getattr(weight, "small_matmul", None)  # a 4-bit base's decode-time GEMV (quant/nf4.FrozenWeight)
+    y = small(x2) if small is not None else None
+    if y is None:
+        y = F.linear(x2, _materialize(weight), bias)  # [N, out]
+    elif bias is not None:
+        y += bias
     y.addmm_(xa, b.t(), alpha=s)
     return y, xa
 

@@ -8,7 +8,6 @@ Parameter names follow PEFT's (base_layer, lora_A, lora_B) so adapters map one t
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -58,7 +57,7 @@ class LoRALinear(nn.Module):
             return base.weight, base.bias
         if isinstance(base, FrozenQuantLinear) and base.compute_dtype == dtype:
             bias = None if base.bias is None else base.bias.to(dtype)
-            return functools.partial(base.dequantize, dtype), bias  # called again in backward
+            return base.frozen_weight(dtype), bias  # rebuilt again in backward
         return None
 
     def lora_weights(self, dtype: torch.dtype) -> LoRAWeights | None:

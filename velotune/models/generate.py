@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +28,11 @@ from velotune.errors import ConfigError
 from velotune.models.decoder import CausalLM, StaticKVCache
 from velotune.models.rope import rope_kind
 
+log = logging.getLogger("velotune.generate")
+
 PREFILL_TOKENS = 8192  # prompt tokens per prefill forward (rows x padded prompt length)
 GRAPH_LENGTH_BUCKET = 256  # a CUDA graph attends to a multiple of this many slots, so one graph serves many steps
+GRAPH_KV_WASTE = 0.1  # ... or of more, while reading the unwritten slots costs at most this fraction of the weights
 CUDA_SYNC_EVERY = 16  # decode steps between reading the stop conditions back on CUDA
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<｜end▁of▁sentence｜>", "</s>")
 
@@ -282,13 +286,30 @@ class _GraphSteps:
         self.slot = torch.zeros(1, dtype=torch.long, device=model.device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.eager: _EagerSteps | None = None  # set when a capture failed: the rest of the request runs eagerly
+
+    def bucket(self, rows: int) -> int:
+        """Slots per graph: GRAPH_LENGTH_BUCKET, or more while the unwritten slots a graph attends to cost at most
+        GRAPH_KV_WASTE of a step's weight reads (one graph for a whole request at small batches)."""
+        per_slot = kv_cache_bytes(self.model, rows, 1)
+        spare = int(GRAPH_KV_WASTE * self.weight_bytes / per_slot)
+        return max(GRAPH_LENGTH_BUCKET, spare // GRAPH_LENGTH_BUCKET * GRAPH_LENGTH_BUCKET)
 
     def __call__(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self.eager is not None:
+            return self.eager(token, pos)
         slot = self.cache.length
-        attend = min(-(-(slot + 1) // GRAPH_LENGTH_BUCKET) * GRAPH_LENGTH_BUCKET, self.cache.max_len)
+        bucket = self.bucket(token.shape[0])
+        attend = min(-(-(slot + 1) // bucket) * bucket, self.cache.max_len)
         key = (token.shape[0], attend)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(token, pos, attend)
+            try:
+                self.graphs[key] = self._capture(token, pos, attend)
+            except RuntimeError as e:  # a forward that cannot be captured still decodes, eagerly
+                log.warning("velotune: decoding without CUDA graphs (capture failed: %s)", str(e).splitlines()[0])
+                self.eager = _EagerSteps(self.model, self.cache)
+                return self.eager(token, pos)
         graph, token_in, pos_in, logits = self.graphs[key]
         token_in.copy_(token[:, None])
         pos_in.copy_(pos[:, None])
@@ -324,15 +345,20 @@ class _GraphSteps:
         self.graphs.clear()
 
 
-def _graphs_possible(model: CausalLM, sharded: bool) -> bool:
+def _graphs_possible(model: CausalLM, sharded: bool, rows: int) -> bool:
     """CUDA graphs need a forward without host syncs or per-call compilation: not sharded, no longrope (it picks its
     table from the furthest position), no soft-capped attention (FlexAttention builds a block mask per call), no
-    4-/8-bit base (capturing its per-call dequantization tripped the CUDA caching allocator's assert, torch 2.11)."""
+    8-bit base and no 4-bit base dequantized per call (capturing that tripped the CUDA caching allocator's assert,
+    torch 2.11): an NF4 base is captured when its decode steps take the GEMV (kernels/nf4_matmul.py, at most
+    MAX_ROWS rows), which allocates nothing but its output."""
+    from velotune.kernels.nf4_matmul import MAX_ROWS
+
     cfg = model.config
+    quant = getattr(model, "quantization", None)
     return (
         model.device.type == "cuda"
         and not sharded
-        and not getattr(model, "quantization", None)
+        and (quant is None or (quant == "nf4" and rows <= MAX_ROWS))
         and cfg.attn_logit_softcap is None
         and rope_kind(cfg.rope_scaling) != "longrope"
     )
@@ -403,7 +429,8 @@ def _run(
         host_tokens=[[] for _ in range(rows_total)],
     )
     eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
-    decode = (_GraphSteps if cuda_graphs and _graphs_possible(model, sharded) else _EagerSteps)(model, cache)
+    graphs = cuda_graphs and _graphs_possible(model, sharded, rows_total)
+    decode = (_GraphSteps if graphs else _EagerSteps)(model, cache)
     for step in range(steps):
         token = _choose(logits, rows, params, gen, width + step)
         if sharded:

@@ -190,6 +190,20 @@ class FrozenWeightLinear(torch.autograd.Function):
         return grad_x, grad_bias, None
 
 
+class FrozenWeight:
+    """A quantized layer's frozen weight as the LoRA Functions take it: called, it is rebuilt in `dtype` ([out, in]);
+    `small_matmul(x)` multiplies by it without rebuilding it where the storage has a kernel for few rows."""
+
+    def __init__(self, layer: FrozenQuantLinear, dtype: torch.dtype) -> None:
+        self.layer, self.dtype = layer, dtype
+
+    def __call__(self) -> torch.Tensor:
+        return self.layer.dequantize(self.dtype)
+
+    def small_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self.layer.small_matmul(x)
+
+
 class FrozenQuantLinear(nn.Module):
     """Shared behaviour of quantized linears: compute-dtype forward through FrozenWeightLinear, bias in compute
     dtype, and quantization statistics that stay float32 when the module is cast with `.to(dtype)` / `.half()`."""
@@ -202,11 +216,25 @@ class FrozenQuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def small_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [..., in] @ W.T without materialising W where this storage has a kernel for few rows (decode steps);
+        None elsewhere."""
+        return None
+
+    def frozen_weight(self, dtype: torch.dtype) -> FrozenWeight:
+        """This weight as the LoRA Functions take it (kernels/lora.py)."""
+        return FrozenWeight(self, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., in] -> [..., out], computed in compute_dtype, returned in x's dtype."""
         dtype = self.compute_dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        y = FrozenWeightLinear.apply(x.to(dtype), bias, functools.partial(self.dequantize, dtype))
+        xc = x.to(dtype)
+        if not (torch.is_grad_enabled() and xc.requires_grad):
+            y = self.small_matmul(xc)
+            if y is not None:
+                return (y if bias is None else y + bias).to(x.dtype)
+        y = FrozenWeightLinear.apply(xc, bias, functools.partial(self.dequantize, dtype))
         return y.to(x.dtype)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
@@ -294,6 +322,13 @@ class Linear4bit(FrozenQuantLinear):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight [out, in] in `dtype` (default: compute_dtype)."""
         return self.nf4.dequantize(dtype or self.compute_dtype)
+
+    def small_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """kernels/nf4_matmul's GEMV for at most MAX_ROWS rows on CUDA; None elsewhere."""
+        from velotune.kernels.nf4_matmul import fused_applies, nf4_matmul
+
+        nf4 = self.nf4
+        return nf4_matmul(x, nf4) if fused_applies(x.reshape(-1, self.in_features), nf4) else None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nf4 blocksize={self.blocksize}, double_quant={self.nf4.double_quant}"
