@@ -360,9 +360,10 @@ def probe_generation(a: argparse.Namespace, model: Any, vocab: int, length: int)
         assert all(len(c.tokens) == new for c in done), "no stop tokens: every row runs to max_new_tokens"
         return time.perf_counter() - t
 
-    k1, k2 = max(a.probe_tokens // 4, 1), a.probe_tokens
+    k1, k2 = max(a.probe_tokens // 8, 1), a.probe_tokens
     reset_peak(a.device)
-    far = [timed(a.prompt_len + length - k, k) for k in (k1, k2)]
+    # both requests of a pair prefill the same prompt, so their difference is k2 - k1 decode steps alone
+    far = [timed(a.prompt_len + length - k2, k) for k in (k1, k2)]
     peak = memory(a.device)
     near = [timed(a.prompt_len, k) for k in (k1, k2)]
     per_far, per_near = (far[1] - far[0]) / (k2 - k1), (near[1] - near[0]) / (k2 - k1)
@@ -734,7 +735,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--time_limit", type=float, default=0, help="seconds; then the record is written and the run ends")
     ap.add_argument("--longest", action="store_true", help="velotune: the longest of --lengths that fits")
     ap.add_argument("--lengths", default=LENGTHS, help="completion lengths for --longest, comma-separated")
-    ap.add_argument("--probe_tokens", type=int, default=64, help="--longest: new tokens per decode-rate probe")
+    ap.add_argument("--probe_tokens", type=int, default=256, help="--longest: new tokens per decode-rate probe")
     ap.add_argument("--out", default=None, help="results.jsonl: run appends to it, table reads it")
     a = ap.parse_args(argv)
     a.nf4 = not a.bf16

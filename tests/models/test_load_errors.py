@@ -136,3 +136,35 @@ def test_intact_dirs_still_load(saved):
     sharded, _ = load_model(saved["sharded"], with_tokenizer=False)
     for (name, a), (_, b) in zip(single.state_dict().items(), sharded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_rope_tables_follow_the_weights_to_their_device():
+    """The rope tables (built on the CPU) go where the weights go, so no forward copies them (a CUDA graph capture
+    refuses that copy). The meta device stands in for a GPU."""
+    from velotune.models.families import family_for
+    from velotune.models.load import build_empty, load_weights
+
+    cfg = family_for("llama").from_hf(
+        dict(
+            model_type="llama",
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
+    )
+    state = {n: torch.zeros(p.shape) for n, p in build_empty(cfg).named_parameters()}
+    model = build_empty(cfg)
+    assert model.inv_freq.device.type == "cpu"
+    load_weights(model, state.items(), "test", torch.float32, "meta")
+    assert model.inv_freq.device.type == "meta"
+    assert "inv_freq" not in model.state_dict()  # still not saved with the weights

@@ -150,6 +150,9 @@ def load_weights(
         )
     if tied:
         model.tie_weights()
+    for name in rope_buffers(model.config):  # the rope tables were built on the CPU: beside the weights, or every
+        buf = getattr(model, name)  # forward copies them over (which a CUDA graph capture refuses)
+        model.register_buffer(name, buf.to(device), persistent=False)
 
 
 def _read_json(file: Path, expected: str) -> Any:
