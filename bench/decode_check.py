@@ -50,8 +50,14 @@ def bench_ms(fn, reps: int = 20) -> float:
 
 
 def per_weight_ms(fn, x: torch.Tensor, weights: list, reps: int = 20) -> float:
-    """Median ms of fn(x, w) per weight, over the rotated copies."""
-    return bench_ms(lambda: [fn(x, w) for w in weights], reps) / len(weights)
+    """Median ms of fn(x, w) per weight, over the rotated copies, replayed as one CUDA graph: launched from Python,
+    each of these few-microsecond kernels would time the host's launch cost instead (seen: 42-124 us per launch)."""
+    [fn(x, w) for w in weights]  # compile, warm up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        [fn(x, w) for w in weights]
+    return bench_ms(graph.replay, reps) / len(weights)
 
 
 def kernels(out: str | None) -> None:
