@@ -60,16 +60,21 @@ def test_dora_norm_from_cached_weight_norm_equals_the_norm_of_the_formed_sum(dty
     torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 2e-3, atol=0)
 
 
+# 10 tokens: A rides through the base matmul (fewer tokens than half of W's 77 rows); 120: W A^T apart
+TOKENS = {"few-tokens": (2, 5), "many-tokens": (3, 40)}
+
+
 @pytest.mark.parametrize("bias", ["none", "frozen", "trainable"])
 @pytest.mark.parametrize("with_dropout_input", [False, True])
-def test_dora_linear_grads_equal_composition(bias, with_dropout_input):
+@pytest.mark.parametrize("tokens", TOKENS.values(), ids=TOKENS.keys())
+def test_dora_linear_grads_equal_composition(bias, with_dropout_input, tokens):
     torch.manual_seed(0)
-    x = torch.randn(2, 5, 123, requires_grad=True)
+    x = torch.randn(*tokens, 123, requires_grad=True)
     weight = 0.1 * torch.randn(77, 123)
     b = None if bias == "none" else torch.randn(77, requires_grad=bias == "trainable")
     a_, b_, m = _adapter(16, 123, 77)
     x_lora = torch.nn.functional.dropout(x, 0.3) if with_dropout_input else None
-    dy = torch.randn(2, 5, 77)
+    dy = torch.randn(*tokens, 77)
     out = dora_linear(x, weight, b, a_, b_, 2.0, m, weight.square().sum(1), x_lora)
     assert type(out.grad_fn).__name__ == "DoRALinearFunctionBackward"
     ref = dora_linear_reference(x, weight, b, a_, b_, 2.0, m, x_lora)
@@ -157,13 +162,16 @@ def _mlp_tensors(x: torch.Tensor, projs: list[LoRAWeights]) -> list[torch.Tensor
     return [x] + [t for p in projs for t in (p.lora_a, p.lora_b, p.magnitude)]
 
 
-@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("base", ["linear", "nf4"])
-def test_dora_mlp_grads_equal_composition(base, activation):
+@pytest.mark.parametrize(
+    ("base", "activation", "tokens"),
+    [("linear", "silu", 9), ("linear", "gelu_tanh", 9), ("nf4", "silu", 9), ("linear", "silu", 60)],
+)
+def test_dora_mlp_grads_equal_composition(base, activation, tokens):
+    """18 tokens: A rides through every base matmul (gate/up 112 rows, down 48); 120: W A^T apart."""
     torch.manual_seed(0)
     projs = _mlp(48, 112, 8, base)
-    x = torch.randn(2, 9, 48, requires_grad=True)
-    dy = torch.randn(2, 9, 48)
+    x = torch.randn(2, tokens, 48, requires_grad=True)
+    dy = torch.randn(2, tokens, 48)
     out, ref = lora_mlp(x, *projs, activation), lora_mlp_reference(x, *projs, activation)
     assert type(out.grad_fn).__name__ == "LoRAMLPFunctionBackward"
     assert_matches(out, ref)

@@ -59,16 +59,22 @@ def lora_linear_reference(
 
 
 def dora_weight_norm(
-    w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, weight_sq_norm: torch.Tensor
+    w: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    weight_sq_norm: torch.Tensor,
+    wa: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """||W + s B A|| per output row, [out] fp32 and out of the graph, without forming W + s B A.
 
-    ||W||^2 (weight_sq_norm, fp32 [out]) + 2 s rowsum(B * W A^T) + s^2 rowsum(B A A^T * B): W A^T [out, r] is a
-    product of the cost of a forward on r tokens, in W's dtype; A A^T is [r, r]; the sums are fp32.
+    ||W||^2 (weight_sq_norm, fp32 [out]) + 2 s rowsum(B * W A^T) + s^2 rowsum(B A A^T * B): W A^T [out, r] (`wa`
+    when the caller has it) is a product of the cost of a forward on r tokens, in W's dtype; A A^T is [r, r]; the
+    sums are fp32.
     """
     with torch.no_grad():
         a, b = lora_a.detach().float(), lora_b.detach().float()
-        wa = (w @ lora_a.detach().to(w.dtype).t()).float()  # [out, r]
+        wa = (w @ lora_a.detach().to(w.dtype).t() if wa is None else wa).float()  # [out, r]
         cross = (b * wa).sum(1)  # [out]
         lora_sq = ((b @ (a @ a.t())) * b).sum(1)  # [out]
         sq = weight_sq_norm + (2 * scaling) * cross + (scaling * scaling) * lora_sq
@@ -180,12 +186,30 @@ def _lora_backward(
     return dx, dxl, da, db
 
 
-def _dora_scale(
-    w: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, s: float, weight_sq_norm: torch.Tensor, m: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m / ||W + s B A||, ||W + s B A||), both [out] fp32 and out of the graph."""
-    norm = dora_weight_norm(w, lora_a, lora_b, s, weight_sq_norm)
-    return m.detach().float() / norm, norm
+def _dora_forward(
+    x2: torch.Tensor,
+    w: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s: float,
+    weight_sq_norm: torch.Tensor,
+    m: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z = x2 W^T + s (x2 A^T) B^T [N, out], x2 A^T [N, r], m / ||W + s B A||, ||W + s B A|| [out] fp32) for x2
+    [N, in] and the materialised weight w. With fewer tokens than half W's rows (decode, small batches) A's r rows
+    ride along with x2 through the base matmul, which then also gives W A^T, so W is read once; otherwise W A^T is
+    a product of its own (a read of W, against a base matmul of many tokens)."""
+    a, b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)
+    n = x2.shape[0]
+    xa = x2 @ a.t()  # [N, r]
+    if 2 * n < w.shape[0]:
+        both = F.linear(torch.cat([x2, a]), w)  # [N + r, out]
+        z, wa = both[:n], both[n:].t()  # [N, out], [out, r]
+    else:
+        z, wa = F.linear(x2, w), None
+    z.addmm_(xa, b.t(), alpha=s)
+    norm = dora_weight_norm(w, lora_a, lora_b, s, weight_sq_norm, wa)
+    return z, xa, m.detach().float() / norm, norm
 
 
 def _scaled(z: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, in_place: bool) -> torch.Tensor:
@@ -286,8 +310,7 @@ class DoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, in_f)  # [N, in]
         xl2 = x2 if x_lora is None else x_lora.reshape(-1, in_f)
         w = _materialize(weight)
-        z, xa = _lora_forward(xl2, xl2, w, None, lora_a.to(x.dtype), lora_b.to(x.dtype), scaling)  # [N, out], [N, r]
-        scale, norm = _dora_scale(w, lora_a, lora_b, scaling, weight_sq_norm, magnitude)  # [out]
+        z, xa, scale, norm = _dora_forward(xl2, w, lora_a, lora_b, scaling, weight_sq_norm, magnitude)
         need_a, need_b, need_m = ctx.needs_input_grad[2:5]
         if x_lora is None:
             y = _scaled(z, scale, bias, in_place=not need_m)
@@ -401,8 +424,7 @@ def _project(
     if magnitude is None:
         y, xa = _lora_forward(t, t, w, p.bias, a, b, p.scaling)
         return y, None, xa, None, None
-    z, xa = _lora_forward(t, t, w, None, a, b, p.scaling)
-    scale, norm = _dora_scale(w, p.lora_a, p.lora_b, p.scaling, p.weight_sq_norm, magnitude)
+    z, xa, scale, norm = _dora_forward(t, w, p.lora_a, p.lora_b, p.scaling, p.weight_sq_norm, magnitude)
     return _scaled(z, scale, p.bias, in_place=not keep_z), (z if keep_z else None), xa, scale, norm
 
 
