@@ -87,7 +87,7 @@ class LoRALinear(nn.Module):
         self, x: torch.Tensor, x_lora: torch.Tensor | None, frozen: tuple[Weight, torch.Tensor | None] | None
     ) -> torch.Tensor:
         a, b, m = self.lora_A, self.lora_B, self.lora_magnitude_vector
-        if frozen is None:  # a quantized base computing in another dtype: PEFT's composition on its weight in x's
+        if frozen is None:  # a quantized base computing in another dtype: the composition, its weight in x's dtype
             base = self.base_layer
             bias = None if base.bias is None else base.bias.to(x.dtype)
             return dora_linear_reference(x, base.dequantize(x.dtype), bias, a, b, self.scaling, m, x_lora)
