@@ -33,7 +33,7 @@ def dora_twin(ours: nn.Module, hf_model: nn.Module, seed: int = 5, **lora: objec
     for name, layer in lora_layers(ours).items():
         for part, peft_name in PEFT_NAMES.items():
             mine, their = getattr(layer, part), peft_params[f"base_model.model.{name}.{peft_name}"]
-            noise = torch.randn(mine.shape, generator=gen)
+            noise = torch.randn(mine.shape, generator=gen).to(mine.device)
             value = mine.detach() * (1 + 0.2 * noise) if part == "lora_magnitude_vector" else 0.1 * noise
             mine.data.copy_(value)
             their.data.copy_(value)

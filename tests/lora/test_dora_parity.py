@@ -1,6 +1,7 @@
 """DoRA against PEFT's use_dora on the same tiny Llama, base weights and adapter values: logits, loss and the
 gradients of every A, B and magnitude, for a 32-bit base (with and without biases), an NF4 base (PEFT on the
-dequantized weights), adapter dropout in training mode, and a bf16 model at bf16 tolerance."""
+dequantized weights), adapter dropout in training mode, a bf16 model at bf16 tolerance, and (GPU) the decoder with
+its Triton kernels."""
 
 import pytest
 import torch
@@ -96,3 +97,19 @@ def test_dora_in_bf16_matches_peft_at_bf16_tolerance(make_dora_twin, tiny_hf_lla
     ours = velotune_from_hf(tiny_hf_llama, dtype=torch.bfloat16)
     ours, theirs, pairs = make_dora_twin(ours, tiny_hf_llama.to(torch.bfloat16), r=4, lora_alpha=8)
     _assert_step_matches(ours, theirs, pairs, rtol=1e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_dora_step_with_kernels_matches_peft(triton_device, make_dora_twin, tiny_hf_llama):
+    ours = velotune_from_hf(tiny_hf_llama).to(triton_device)
+    ours, theirs, pairs = make_dora_twin(ours, tiny_hf_llama.to(triton_device), r=4, lora_alpha=8)
+    ids, labels = (t.to(triton_device) for t in _batch())
+    ref = theirs(input_ids=ids, labels=labels).loss
+    ref.backward()
+    out = ours(ids, labels=labels).loss
+    kernels = {"RMSNormFunctionBackward", "RopeFunctionBackward", "LinearCrossEntropyFunctionBackward"}
+    assert kernels | {"DoRALinearFunctionBackward", "LoRAMLPFunctionBackward"} <= _graph_nodes(out)
+    out.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for name, mine, their in pairs:
+        torch.testing.assert_close(mine.grad, their.grad, rtol=1e-4, atol=1e-5, msg=name)
