@@ -3,7 +3,9 @@
 Per projection: the old LoRALinear forward (base(x) + (x @ A^T @ B^T) * s, the reference composition) vs the
 current one (kernels.lora.lora_linear), for a bf16 and an NF4 base. The MLP: the composition with the PyTorch
 SwiGLU, the composition of fused pieces (LoRALinear x 3 + Triton SwiGLU, what the decoder runs today), and
-kernels.lora.lora_mlp. Gradients are taken for x, A and B (the base is frozen).
+kernels.lora.lora_mlp. DoRA rows (use_dora): the DoRA layer (kernels.lora.dora_linear, the norm from cached ||W||^2)
+against PEFT's formula written out (dora_linear_reference, forming W + s B A each step as PEFT does), and lora_mlp
+with DoRA projections. Gradients are taken for x, A, B and DoRA's magnitudes (the base is frozen).
 
 python bench/bench_lora.py [--tokens 4096 --hidden 4096 --intermediate 14336 --kv-dim 1024 --r 16]
 """
@@ -18,19 +20,19 @@ from _timing import Result, measure, print_table, require_cuda
 from torch import nn
 
 from velotune.kernels.glu import swiglu, swiglu_reference
-from velotune.kernels.lora import LoRAWeights, lora_mlp
+from velotune.kernels.lora import LoRAWeights, dora_linear_reference, lora_mlp
 from velotune.lora.layers import LoRALinear
 from velotune.quant.nf4 import Linear4bit
 
 DTYPE = torch.bfloat16
 
 
-def make_layer(d_in: int, d_out: int, r: int, quant: bool) -> LoRALinear:
+def make_layer(d_in: int, d_out: int, r: int, quant: bool, dora: bool = False) -> LoRALinear:
     base = nn.Linear(d_in, d_out, bias=False, device="cuda", dtype=DTYPE)
     base.weight.data.normal_(std=0.02)
     if quant:
         base = Linear4bit.from_linear(base, compute_dtype=DTYPE)
-    layer = LoRALinear(base.requires_grad_(False), r=r, alpha=2 * r)
+    layer = LoRALinear(base.requires_grad_(False), r=r, alpha=2 * r, use_dora=dora)
     nn.init.normal_(layer.lora_B, std=0.02)
     return layer
 
@@ -41,15 +43,26 @@ def composed(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
     return layer.base_layer(x) + (x @ a.t() @ b.t()) * layer.scaling
 
 
+def base_weight(layer: LoRALinear):
+    """The base weight, or for an NF4 base its dequantize (the weight is rebuilt where it is used)."""
+    base = layer.base_layer
+    return base.weight if isinstance(base, nn.Linear) else functools.partial(base.dequantize, DTYPE)
+
+
 def lora_weights(layer: LoRALinear) -> LoRAWeights:
     """A LoRALinear's tensors for kernels.lora.lora_mlp (an NF4 base passes its dequantize)."""
-    base = layer.base_layer
-    weight = base.weight if isinstance(base, nn.Linear) else functools.partial(base.dequantize, DTYPE)
-    return LoRAWeights(weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    return layer.lora_weights(DTYPE)
+
+
+def peft_dora(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """PEFT's DoRA forward, written out: W + s B A formed for the row norm (W dequantized for NF4)."""
+    a, b, m = layer.lora_A, layer.lora_B, layer.lora_magnitude_vector
+    return dora_linear_reference(x, base_weight(layer), None, a, b, layer.scaling, m)
 
 
 def grads_of(x: torch.Tensor, layers: list[LoRALinear]):
-    inputs = [x] + [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
+    inputs = [x] + [p for layer in layers for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector)]
+    inputs = [t for t in inputs if t is not None]
 
     def backward(out: torch.Tensor) -> None:
         torch.autograd.grad(out, inputs, torch.ones_like(out))
@@ -58,12 +71,14 @@ def grads_of(x: torch.Tensor, layers: list[LoRALinear]):
 
 
 def bench_projection(tokens: int, d_in: int, d_out: int, r: int, quant: bool) -> list[Result]:
-    layer = make_layer(d_in, d_out, r, quant)
+    layer, dora = make_layer(d_in, d_out, r, quant), make_layer(d_in, d_out, r, quant, dora=True)
     x = torch.randn(1, tokens, d_in, device="cuda", dtype=DTYPE, requires_grad=True)
-    backward = grads_of(x, [layer])
+    backward, dora_backward = grads_of(x, [layer]), grads_of(x, [dora])
     return [
         measure("composition (old forward)", lambda: composed(layer, x), backward),
         measure("LoRALinear -> lora_linear", lambda: layer(x), backward),
+        measure("DoRA: LoRALinear -> dora_linear", lambda: dora(x), dora_backward),
+        measure("DoRA: PEFT's formula (W + sBA formed)", lambda: peft_dora(dora, x), dora_backward),
     ]
 
 
@@ -80,6 +95,22 @@ def bench_mlp(tokens: int, hidden: int, inter: int, r: int, quant: bool) -> list
         ),
         measure("LoRALinear x3 + triton swiglu", lambda: down(swiglu(gate(x), up(x))), backward),
         measure("lora_mlp (one Function)", lambda: lora_mlp(x, *weights, "silu"), backward),
+    ]
+
+
+def bench_dora_mlp(tokens: int, hidden: int, inter: int, r: int, quant: bool) -> list[Result]:
+    shapes = ((hidden, inter), (hidden, inter), (inter, hidden))
+    gate, up, down = (make_layer(i, o, r, quant, dora=True) for i, o in shapes)
+    x = torch.randn(1, tokens, hidden, device="cuda", dtype=DTYPE, requires_grad=True)
+    backward = grads_of(x, [gate, up, down])
+    weights = [lora_weights(layer) for layer in (gate, up, down)]
+    return [
+        measure(
+            "DoRA: PEFT's formula, torch swiglu",
+            lambda: peft_dora(down, swiglu_reference(peft_dora(gate, x), peft_dora(up, x))),
+            backward,
+        ),
+        measure("DoRA: lora_mlp (one Function)", lambda: lora_mlp(x, *weights, "silu"), backward),
     ]
 
 
@@ -106,6 +137,8 @@ def main() -> None:
             torch.cuda.empty_cache()
         title = f"lora MLP [{a.tokens} tokens, {a.hidden} -> {a.intermediate} -> {a.hidden}, r={a.r}, {base} base]"
         print_table(title, bench_mlp(a.tokens, a.hidden, a.intermediate, a.r, quant))
+        torch.cuda.empty_cache()
+        print_table("dora" + title.removeprefix("lora"), bench_dora_mlp(a.tokens, a.hidden, a.intermediate, a.r, quant))
         torch.cuda.empty_cache()
 
 

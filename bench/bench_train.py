@@ -2,7 +2,7 @@
 same random checkpoint, same token batches (torch.randint on a CUDA generator seeded 0), median of `steps` after
 `warmup`, peak allocated memory after the optimizer exists. Prints one `RESULT {json}` line.
 
-  python bench/bench_train.py --dir /tmp/m8b --quant none --bs 2 --seq 2048 --ckpt offload
+  python bench/bench_train.py --dir /tmp/m8b --quant none --bs 2 --seq 2048 --ckpt offload [--dora]
   python bench/bench_train.py table results.jsonl     # markdown table with velotune/anchor ratios
 """
 
@@ -13,6 +13,7 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,7 +22,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def lora_model(a: argparse.Namespace) -> tuple:
     """(model in train mode, trainable parameters, fused AdamW) for the bench checkpoint in a.dir: a.quant, LoRA
-    r=a.r on every projection, checkpointing a.ckpt over a fraction a.ckpt_layers of the layers."""
+    (DoRA with a.dora) r=a.r on every projection, checkpointing a.ckpt over a fraction a.ckpt_layers of the
+    layers."""
     import torch
 
     from velotune.lora.apply import get_peft_model
@@ -29,7 +31,7 @@ def lora_model(a: argparse.Namespace) -> tuple:
 
     method = None if a.quant == "none" else a.quant
     model, _ = load_quantized(a.dir, method, torch.bfloat16, "cuda", with_tokenizer=False)
-    get_peft_model(model, r=a.r, lora_alpha=a.r, target_modules=TARGETS)
+    get_peft_model(model, r=a.r, lora_alpha=a.r, target_modules=TARGETS, use_dora=a.dora)
     model.gradient_checkpointing = {"0": False, "1": True, "offload": "offload"}[a.ckpt]
     model.checkpoint_layers = a.ckpt_layers
     model.train()
@@ -46,17 +48,22 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--ckpt", default="offload", choices=["0", "1", "offload"])
     ap.add_argument("--ckpt_layers", type=float, default=1.0, help="fraction of layers checkpointed")
+    ap.add_argument("--dora", action="store_true", help="DoRA (use_dora) instead of plain LoRA")
 
 
-def run(a: argparse.Namespace) -> None:
+def run(
+    a: argparse.Namespace, build: Callable[[argparse.Namespace], tuple] = lora_model, impl: str = "velotune"
+) -> None:
+    """Time a.steps training steps after a.warmup of the model `build(a)` gives (model, trainable parameters,
+    optimizer; called as model(ids, labels=ids)) and print its RESULT line; bench_dora.py passes PEFT's model."""
     t0 = time.time()
     keys = ("quant", "bs", "seq", "r", "ckpt", "ckpt_layers", "steps")
-    rec = {"impl": "velotune", **{k: getattr(a, k) for k in keys}}
+    rec = {"impl": impl, "adapter": "dora" if a.dora else "lora", **{k: getattr(a, k) for k in keys}}
     try:
         import torch
 
-        model, params, opt = lora_model(a)
-        rec["checkpointing"] = model.checkpoint_mode
+        model, params, opt = build(a)
+        rec["checkpointing"] = getattr(model, "checkpoint_mode", {"0": "none"}.get(a.ckpt, "recompute (HF)"))
         if a.ckpt_layers < 1:
             rec["checkpointing"] = f"{model.checkpoint_mode} ({a.ckpt_layers:g} of layers)"
         rec["load_s"] = round(time.time() - t0, 1)

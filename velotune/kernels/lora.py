@@ -15,6 +15,13 @@ input: one [N, intermediate] tensor less per layer (117 MiB in bf16 at 4096 toke
 layers without activation checkpointing). On CUDA the activation is the Triton kernel of kernels/glu.py, whose
 backward writes d gate over the down projection's input gradient.
 
+DoRA (weight-decomposed LoRA, PEFT's `use_dora`) is y = (m / ||W + s B A||) * (x W^T + s (x A^T) B^T) + b with
+the row norm detached from the graph, as PEFT and the paper do. `DoRALinearFunction` and the DoRA projections of
+`LoRAMLPFunction` never form W + s B A: ||W + s B A||^2 = ||W||^2 + 2 s rowsum(B * W A^T) + s^2 rowsum(B A A^T * B),
+with ||W||^2 cached by the layer (W is frozen) and W A^T [out, r] taken from the weight the base matmul already
+materialised. DoRA is then one per-feature multiply of the LoRA output, plus the unscaled output z kept for the
+magnitude's gradient (sum over tokens of dy * z / norm).
+
 These are matmuls at heart; the same Functions run on CPU, where only the activation falls back to PyTorch.
 """
 
@@ -51,15 +58,68 @@ def lora_linear_reference(
     return F.linear(x, _materialize(weight), bias) + (xl @ a.t() @ b.t()) * scaling
 
 
+def dora_weight_norm(
+    w: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    weight_sq_norm: torch.Tensor,
+    wa: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """||W + s B A|| per output row, [out] fp32 and out of the graph, without forming W + s B A.
+
+    ||W||^2 (weight_sq_norm, fp32 [out]) + 2 s rowsum(B * W A^T) + s^2 rowsum(B A A^T * B): W A^T [out, r] (`wa`
+    when the caller has it) is a product of the cost of a forward on r tokens, in W's dtype; A A^T is [r, r]; the
+    sums are fp32.
+    """
+    with torch.no_grad():
+        a, b = lora_a.detach().float(), lora_b.detach().float()
+        wa = (w @ lora_a.detach().to(w.dtype).t() if wa is None else wa).float()  # [out, r]
+        cross = (b * wa).sum(1)  # [out]
+        lora_sq = ((b @ (a @ a.t())) * b).sum(1)  # [out]
+        sq = weight_sq_norm + (2 * scaling) * cross + (scaling * scaling) * lora_sq
+        return sq.clamp_min_(0).sqrt_()
+
+
+def dora_linear_reference(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    x_lora: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """PEFT's DoRA by composition, forming W + s B A for its row norm: x [..., in] -> [..., out].
+
+    y = x W^T + b + (g - 1) (x_l W^T) + g s (x_l A^T) B^T with g = m / ||W + s B A|| (norm detached) and x_l the
+    adapter's input (dropout(x), or x): without dropout, g (x W^T + s (x A^T) B^T) + b.
+    """
+    w = _materialize(weight)
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(w.float() + scaling * (lora_b.float() @ lora_a.float()), dim=1)  # [out]
+    g = (magnitude / norm).to(x.dtype)  # [out]
+    a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    base = F.linear(x, w)  # [..., out]
+    xl = x if x_lora is None else x_lora
+    base_l = base if x_lora is None else F.linear(x_lora, w)
+    y = base + (g - 1) * base_l + g * ((xl @ a.t() @ b.t()) * scaling)
+    return y if bias is None else y + bias
+
+
 @dataclass(frozen=True, eq=False)
 class LoRAWeights:
-    """One frozen projection and its adapter: weight [out, in] (or a callable), bias [out], A [r, in], B [out, r]."""
+    """One frozen projection and its adapter: weight [out, in] (or a callable), bias [out], A [r, in], B [out, r];
+    for DoRA also the magnitude m [out] and ||W||^2 per row [out] fp32 (None for LoRA)."""
 
     weight: Weight
     bias: torch.Tensor | None
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     scaling: float
+    magnitude: torch.Tensor | None = None
+    weight_sq_norm: torch.Tensor | None = None
 
 
 def lora_mlp_reference(
@@ -69,6 +129,8 @@ def lora_mlp_reference(
     act = GLU_VARIANTS[activation][0]
 
     def proj(t: torch.Tensor, p: LoRAWeights) -> torch.Tensor:
+        if p.magnitude is not None:
+            return dora_linear_reference(t, p.weight, p.bias, p.lora_a, p.lora_b, p.scaling, p.magnitude)
         return lora_linear_reference(t, p.weight, p.bias, p.lora_a, p.lora_b, p.scaling)
 
     return proj(act(proj(x, gate), proj(x, up)), down)
@@ -83,9 +145,10 @@ def _lora_forward(
     b: torch.Tensor,
     s: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [N, out], xl2 A^T [N, r]) for x2, xl2 [N, in]; A, B already in x2's dtype."""
+    """(y [N, out], xl2 A^T [N, r]) for x2, xl2 [N, in]; A, B in x2's dtype. The weight is materialised unless the
+    storage multiplies few rows without it (a 4-bit base's decode-time GEMV, quant/nf4.FrozenWeight)."""
     xa = xl2 @ a.t()  # [N, r]
-    small = getattr(weight, "small_matmul", None)  # a 4-bit base's decode-time GEMV (quant/nf4.FrozenWeight)
+    small = getattr(weight, "small_matmul", None)
     y = small(x2) if small is not None else None
     if y is None:
         y = F.linear(x2, _materialize(weight), bias)  # [N, out]
@@ -127,6 +190,50 @@ def _lora_backward(
     da = (dyb.t() @ xl2).to(lora_a.dtype) if need_a else None  # [r, in]
     db = (dy.t() @ xa).to(lora_b.dtype).mul_(s) if need_b else None  # [out, r]
     return dx, dxl, da, db
+
+
+def _dora_forward(
+    x2: torch.Tensor,
+    w: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s: float,
+    weight_sq_norm: torch.Tensor,
+    m: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z = x2 W^T + s (x2 A^T) B^T [N, out], x2 A^T [N, r], m / ||W + s B A||, ||W + s B A|| [out] fp32) for x2
+    [N, in] and the materialised weight w. With fewer tokens than half W's rows (decode, small batches) A's r rows
+    ride along with x2 through the base matmul, which then also gives W A^T, so W is read once; otherwise W A^T is
+    a product of its own (a read of W, against a base matmul of many tokens)."""
+    a, b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)
+    n = x2.shape[0]
+    xa = x2 @ a.t()  # [N, r]
+    if 2 * n < w.shape[0]:
+        both = F.linear(torch.cat([x2, a]), w)  # [N + r, out]
+        z, wa = both[:n], both[n:].t()  # [N, out], [out, r]
+    else:
+        z, wa = F.linear(x2, w), None
+    z.addmm_(xa, b.t(), alpha=s)
+    norm = dora_weight_norm(w, lora_a, lora_b, s, weight_sq_norm, wa)
+    return z, xa, m.detach().float() / norm, norm
+
+
+def _scaled(z: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, in_place: bool) -> torch.Tensor:
+    """z * scale + bias for z [N, out], scale and bias [out]; written over z when in_place."""
+    g = scale.to(z.dtype)
+    if in_place:
+        z.mul_(g)
+        return z if bias is None else z.add_(bias)
+    return z * g if bias is None else torch.addcmul(bias, z, g)
+
+
+def _magnitude_grad(dy: torch.Tensor, z: torch.Tensor, norm: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """d loss / d m = sum over tokens of dy * z / norm, [out] fp32, for dy and z [N, out]; summed `rows` tokens at a
+    time so the product never takes a whole [N, out]."""
+    acc = torch.zeros(dy.shape[1], dtype=torch.float32, device=dy.device)
+    for i in range(0, dy.shape[0], rows):
+        acc += (dy[i : i + rows] * z[i : i + rows]).sum(0, dtype=torch.float32)
+    return acc.div_(norm)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -193,6 +300,83 @@ def lora_linear(
     return LoRALinearFunction.apply(x, x_lora, lora_a, lora_b, bias, weight, scaling, need_output)
 
 
+class DoRALinearFunction(torch.autograd.Function):
+    """y = g * (x W^T + s (x A^T) B^T) + b, g = m / ||W + s B A|| (detached), for a frozen W; saves x, x A^T [N, r],
+    the unscaled output z [N, out] (for m's gradient), A, B, g and the norm.
+
+    With dropout (x_lora = dropout(x)), PEFT's DoRA: y = x W^T + b + (g - 1) (x_l W^T) + g s (x_l A^T) B^T
+    = (x - x_l) W^T + b + g z_l, with z_l the unscaled output on x_l: one more base matmul each way.
+    Inputs: x, x_lora (or None), A, B, m, bias (frozen or trainable), weight (frozen tensor or callable), scaling,
+    ||W||^2 per row (fp32 [out]).
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, lora_a, lora_b, magnitude, bias, weight, scaling, weight_sq_norm):
+        in_f = x.shape[-1]
+        x2 = x.reshape(-1, in_f)  # [N, in]
+        xl2 = x2 if x_lora is None else x_lora.reshape(-1, in_f)
+        w = _materialize(weight)
+        z, xa, scale, norm = _dora_forward(xl2, w, lora_a, lora_b, scaling, weight_sq_norm, magnitude)
+        need_a, need_b, need_m = ctx.needs_input_grad[2:5]
+        if x_lora is None:
+            y = _scaled(z, scale, bias, in_place=not need_m)
+        else:
+            y = torch.addcmul(F.linear(x2 - xl2, w, bias), z, scale.to(z.dtype))
+        del w
+        ctx.save_for_backward(
+            xl2 if need_a else None, xa if need_b else None, z if need_m else None, lora_a, lora_b, scale, norm
+        )
+        ctx.weight = weight  # as in LoRALinearFunction: on ctx, not through saved-tensor hooks
+        ctx.scaling, ctx.x_shape, ctx.split, ctx.m_dtype = scaling, x.shape, x_lora is not None, magnitude.dtype
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        xl2, xa, z, lora_a, lora_b, scale, norm = ctx.saved_tensors
+        need_x, need_xl, need_a, need_b, need_m, need_bias = ctx.needs_input_grad[:6]
+        dy2 = dy.reshape(-1, dy.shape[-1])  # [N, out]
+        dm = _magnitude_grad(dy2, z, norm).to(ctx.m_dtype) if need_m else None
+        dz = dy2 * scale.to(dy2.dtype)  # [N, out]: gradient of the unscaled output
+        need_dx = need_x or need_xl
+        w = _materialize(ctx.weight) if need_dx else None
+        dx, dxl, da, db = _lora_backward(
+            dz, xl2, xa, w, lora_a, lora_b, ctx.scaling, need_dx, need_a, need_b, lora_dx_apart=ctx.split
+        )
+        del dz
+        if ctx.split and need_dx:  # d x = dy W; d x_l = (dz - dy) W + s (dz B) A
+            dyw = torch.mm(dy2, w)  # [N, in]
+            dxl = dxl.add_(dx).sub_(dyw)
+            dx = dyw
+        dbias = dy2.sum(0) if need_bias else None
+        dx = dx.view(ctx.x_shape) if need_x and dx is not None else None
+        dxl = dxl.view(ctx.x_shape) if need_xl and dxl is not None else None
+        return dx, dxl, da, db, dm, dbias, None, None, None
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    weight_sq_norm: torch.Tensor,
+    x_lora: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [..., in] -> [..., out] through a frozen weight [out, in] (or a callable rebuilding it) with DoRA.
+
+    weight_sq_norm is ||W||^2 per output row (fp32 [out]) of the weight `weight` gives. x_lora is dropout(x) when
+    the adapter uses dropout (PEFT's semantics; None otherwise). A trainable base weight falls back to the
+    composition. Unlike lora_linear there is no need_output=False: m's gradient needs the output.
+    """
+    if isinstance(weight, torch.Tensor) and weight.requires_grad:
+        return dora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, magnitude, x_lora)
+    if x_lora is x:
+        x_lora = None
+    return DoRALinearFunction.apply(x, x_lora, lora_a, lora_b, magnitude, bias, weight, scaling, weight_sq_norm)
+
+
 class _FrozenLinearForBackward(torch.autograd.Function):
     """x [..., in] -> uninitialised [..., out] whose backward is dx = dy W for a frozen weight [out, in]."""
 
@@ -237,50 +421,93 @@ def _act_backward(
     return dg, du, h.detach()
 
 
+def _project(
+    t: torch.Tensor, p: LoRAWeights, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor | None, keep_z: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One projection of the fused MLP on t [N, in], A and B in t's dtype: (output [N, out], DoRA's unscaled output
+    z when keep_z, t A^T [N, r], DoRA's scale and norm [out]); LoRA (magnitude None) has no z, scale or norm."""
+    if magnitude is None:
+        y, xa = _lora_forward(t, t, p.weight, p.bias, a, b, p.scaling)
+        return y, None, xa, None, None
+    z, xa, scale, norm = _dora_forward(
+        t, _materialize(p.weight), p.lora_a, p.lora_b, p.scaling, p.weight_sq_norm, magnitude
+    )
+    return _scaled(z, scale, p.bias, in_place=not keep_z), (z if keep_z else None), xa, scale, norm
+
+
+def _dora_output_grad_(
+    dout: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None, norm: torch.Tensor, need_m: bool, m_dtype
+) -> torch.Tensor | None:
+    """For a DoRA projection (scale not None) whose output gradient dout [N, out] this Function owns: m's gradient
+    (when need_m), and dout turned in place into the gradient of the unscaled output (dout * scale)."""
+    if scale is None:
+        return None
+    dm = _magnitude_grad(dout, z, norm).to(m_dtype) if need_m else None
+    dout.mul_(scale.to(dout.dtype))
+    return dm
+
+
 class LoRAMLPFunction(torch.autograd.Function):
-    """down(act(gate(x), up(x))) with LoRA on all three; saves x, gate, up and the three [N, r] products."""
+    """down(act(gate(x), up(x))) with LoRA or DoRA on all three; saves x, gate and up (for a DoRA projection its
+    output before the per-feature scale, the scaled one being rebuilt in backward), the three [N, r] products and,
+    for a DoRA down projection, its unscaled output."""
 
     @staticmethod
-    def forward(ctx, x, gate_a, gate_b, up_a, up_b, down_a, down_b, projs, activation, fused, need_output=True):
+    def forward(
+        ctx, x, gate_a, gate_b, up_a, up_b, down_a, down_b, gate_m, up_m, down_m, projs, activation, fused, need_output
+    ):
         gate, up, down = projs
         x2 = x.reshape(-1, x.shape[-1])  # [N, H]
         dt = x.dtype
-        g, xa_g = _lora_forward(x2, x2, gate.weight, gate.bias, gate_a.to(dt), gate_b.to(dt), gate.scaling)  # [N, I]
-        u, xa_u = _lora_forward(x2, x2, up.weight, up.bias, up_a.to(dt), up_b.to(dt), up.scaling)  # [N, I]
+        g, zg, xa_g, sc_g, n_g = _project(x2, gate, gate_a.to(dt), gate_b.to(dt), gate_m, keep_z=True)  # [N, I]
+        u, zu, xa_u, sc_u, n_u = _project(x2, up, up_a.to(dt), up_b.to(dt), up_m, keep_z=True)  # [N, I]
         h = _act_forward(g, u, activation, fused)  # [N, I]
-        if need_output:
-            y, xa_d = _lora_forward(h, h, down.weight, down.bias, down_a.to(dt), down_b.to(dt), down.scaling)  # [N, H]
-        else:  # a recomputation whose output is discarded: the down projection's base matmul is skipped
+        g, u = (g if zg is None else zg), (u if zu is None else zu)  # what backward keeps
+        if need_output or down_m is not None:  # DoRA's magnitude gradient needs the down projection's output
+            y, zd, xa_d, sc_d, n_d = _project(h, down, down_a.to(dt), down_b.to(dt), down_m, ctx.needs_input_grad[9])
+        else:  # a LoRA recomputation whose output is discarded: the down projection's base matmul is skipped
             xa_d = h @ down_a.to(dt).t()
-            y = x2.new_empty(x2.shape)
+            y, zd, sc_d, n_d = x2.new_empty(x2.shape), None, None, None
         del h
-        ctx.save_for_backward(x2, g, u, xa_g, xa_u, xa_d, gate_a, gate_b, up_a, up_b, down_a, down_b)
+        ctx.save_for_backward(
+            x2, g, u, xa_g, xa_u, xa_d, zd, gate_a, gate_b, up_a, up_b, down_a, down_b, sc_g, n_g, sc_u, n_u, sc_d, n_d
+        )
         ctx.weights = tuple(p.weight for p in projs)  # frozen tensors or callables: no copy is made
         ctx.scalings = tuple(p.scaling for p in projs)
+        ctx.biases = tuple(p.bias for p in projs)
+        ctx.m_dtypes = tuple(None if m is None else m.dtype for m in (gate_m, up_m, down_m))
         ctx.activation, ctx.fused, ctx.x_shape = activation, fused, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, g, u, xa_g, xa_u, xa_d, gate_a, gate_b, up_a, up_b, down_a, down_b = ctx.saved_tensors
+        x2, pre_g, pre_u, xa_g, xa_u, xa_d, zd, gate_a, gate_b, up_a, up_b, down_a, down_b = ctx.saved_tensors[:13]
+        sc_g, n_g, sc_u, n_u, sc_d, n_d = ctx.saved_tensors[13:]
         w_gate, w_up, w_down = ctx.weights
         s_gate, s_up, s_down = ctx.scalings
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])  # [N, H]
+        dm_d = _magnitude_grad(dy2, zd, n_d).to(ctx.m_dtypes[2]) if need[9] else None
+        dz_d = dy2 if sc_d is None else dy2 * sc_d.to(dy.dtype)  # [N, H], before the down projection's DoRA scale
         # down projection: d h [N, I] always (gate/up adapters need it); its A-gradient needs h, rebuilt below
         a_d, b_d = down_a.to(dy.dtype), down_b.to(dy.dtype)
-        dyb_d = (dy2 @ b_d).mul_(s_down)  # [N, r]
-        dh = torch.mm(dy2, _materialize(w_down)).addmm_(dyb_d, a_d)  # [N, I]
-        db_d = (dy2.t() @ xa_d).to(down_b.dtype).mul_(s_down) if need[6] else None
+        dyb_d = (dz_d @ b_d).mul_(s_down)  # [N, r]
+        dh = torch.mm(dz_d, _materialize(w_down)).addmm_(dyb_d, a_d)  # [N, I]
+        db_d = (dz_d.t() @ xa_d).to(down_b.dtype).mul_(s_down) if need[6] else None
+        del dz_d
+        g = pre_g if sc_g is None else _scaled(pre_g, sc_g, ctx.biases[0], in_place=False)  # [N, I]
+        u = pre_u if sc_u is None else _scaled(pre_u, sc_u, ctx.biases[1], in_place=False)
         dg, du, h = _act_backward(dh, g, u, ctx.activation, ctx.fused)
-        del dh  # the fused kernel wrote d gate over it
+        del dh, g, u  # the fused kernel wrote d gate over dh
         da_d = (dyb_d.t() @ h).to(down_a.dtype) if need[5] else None
         del h
+        dm_g = _dora_output_grad_(dg, pre_g, sc_g, n_g, need[7], ctx.m_dtypes[0])
+        dm_u = _dora_output_grad_(du, pre_u, sc_u, n_u, need[8], ctx.m_dtypes[1])
         # gate and up share x: their input gradients accumulate into one [N, H] buffer
         dx, _, da_g, db_g = _lora_backward(dg, x2, xa_g, w_gate, gate_a, gate_b, s_gate, need[0], need[1], need[2])
         dx, _, da_u, db_u = _lora_backward(du, x2, xa_u, w_up, up_a, up_b, s_up, need[0], need[3], need[4], dx=dx)
         dx = dx.view(ctx.x_shape) if need[0] else None
-        return dx, da_g, db_g, da_u, db_u, da_d, db_d, None, None, None, None
+        return dx, da_g, db_g, da_u, db_u, da_d, db_d, dm_g, dm_u, dm_d, None, None, None, None
 
 
 def lora_mlp(
@@ -291,7 +518,7 @@ def lora_mlp(
     activation: str = "silu",
     need_output: bool = True,
 ) -> torch.Tensor:
-    """Gated LoRA MLP x [..., H] -> [..., H] without LoRA dropout; activation "silu" or "gelu_tanh".
+    """Gated LoRA (or DoRA) MLP x [..., H] -> [..., H] without dropout; activation "silu" or "gelu_tanh".
 
     The activation runs in Triton on CUDA. Trainable base weights or biases fall back to the composition.
     need_output=False returns an uninitialised tensor with the same backward, skipping the down projection's base
@@ -308,4 +535,5 @@ def lora_mlp(
     if not fused:
         reference_notice("gated activation (SwiGLU/GeGLU)", no_triton_reason(), x)
     loras = (gate.lora_a, gate.lora_b, up.lora_a, up.lora_b, down.lora_a, down.lora_b)
-    return LoRAMLPFunction.apply(x, *loras, projs, activation, fused, need_output)
+    magnitudes = (gate.magnitude, up.magnitude, down.magnitude)
+    return LoRAMLPFunction.apply(x, *loras, *magnitudes, projs, activation, fused, need_output)

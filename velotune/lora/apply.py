@@ -1,4 +1,5 @@
-"""Attach LoRA to a model's linear layers, freeze the rest, and merge the result back into plain weights."""
+"""Attach LoRA (or DoRA) to a model's linear layers, freeze the rest, and merge the result back into plain
+weights."""
 
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 @dataclass
 class LoRAConfig:
-    """PEFT's names: r, lora_alpha, lora_dropout, target_modules, use_rslora, bias."""
+    """PEFT's names: r, lora_alpha, lora_dropout, target_modules, use_rslora, use_dora, bias."""
 
     r: int = 16
     lora_alpha: float = 16
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
     use_rslora: bool = False
+    use_dora: bool = False
     bias: str = "none"
 
     def __post_init__(self) -> None:
@@ -45,7 +47,8 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def get_peft_model(model: nn.Module, config: LoRAConfig | None = None, **kwargs: object) -> nn.Module:
-    """Freeze every parameter of `model` and wrap the target linear layers with trainable LoRA (in place)."""
+    """Freeze every parameter of `model` and wrap the target linear layers with trainable LoRA or DoRA (in
+    place)."""
     cfg = config or LoRAConfig(**kwargs)  # type: ignore[arg-type]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -61,9 +64,8 @@ def get_peft_model(model: nn.Module, config: LoRAConfig | None = None, **kwargs:
         )
     for name, mod in targets:
         parent, _, leaf = name.rpartition(".")
-        setattr(
-            model.get_submodule(parent), leaf, LoRALinear(mod, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
-        )
+        layer = LoRALinear(mod, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, cfg.use_dora)
+        setattr(model.get_submodule(parent), leaf, layer)
     model.lora_config = cfg
     return model
 
@@ -89,14 +91,16 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by an nn.Linear holding W + B @ A * scaling (in place), in the base dtype."""
+    """Replace every LoRALinear by an nn.Linear holding its merged weight (in place), in the base dtype: W + B @ A *
+    scaling, for DoRA times m / ||W + B @ A * scaling|| per row."""
     for name, layer in lora_layers(model).items():
         base = layer.base_layer
-        weight = base.dequantize() if isinstance(base, FrozenQuantLinear) else base.weight
+        weight = layer.merged_weight()  # [out, in] fp32
+        dtype = base.compute_dtype if isinstance(base, FrozenQuantLinear) else base.weight.dtype
         merged = nn.Linear(
-            layer.in_features, layer.out_features, bias=base.bias is not None, device=weight.device, dtype=weight.dtype
+            layer.in_features, layer.out_features, bias=base.bias is not None, device=weight.device, dtype=dtype
         )
-        merged.weight.copy_((weight.float() + layer.delta_weight()).to(weight.dtype))
+        merged.weight.copy_(weight)
         if base.bias is not None:
             merged.bias.copy_(base.bias)
         merged.requires_grad_(False)

@@ -1,7 +1,8 @@
 """Adapters in PEFT's file format: adapter_config.json + adapter_model.safetensors.
 
-Keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, which is what
-`peft.PeftModel.from_pretrained` reads for a transformers model with the same module names as ours.
+Keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (and, for DoRA,
+`.lora_magnitude_vector`, with no `.weight`), which is what `peft.PeftModel.from_pretrained` reads for a
+transformers model with the same module names as ours.
 """
 
 from __future__ import annotations
@@ -15,24 +16,39 @@ from torch import nn
 
 from velotune.errors import ModelLoadError
 from velotune.lora.apply import LoRAConfig, get_peft_model, lora_layers
+from velotune.lora.layers import LoRALinear
 
 PREFIX = "base_model.model."
+# adapter parameter of a LoRALinear -> the suffix of its key in PEFT's file
+PEFT_SUFFIX = {"lora_A": ".weight", "lora_B": ".weight", "lora_magnitude_vector": ""}
+
+
+def peft_key(param_name: str) -> str:
+    """PEFT's file key for an adapter parameter by its name in the model (`model.layers.0.mlp.up_proj.lora_A`)."""
+    return f"{PREFIX}{param_name}{PEFT_SUFFIX[param_name.rpartition('.')[2]]}"
+
+
+def adapter_params(name: str, layer: LoRALinear) -> dict[str, nn.Parameter]:
+    """The adapter parameters of the LoRA layer at `name`, by PEFT's file key."""
+    parts = [p for p in PEFT_SUFFIX if getattr(layer, p) is not None]
+    return {peft_key(f"{name}.{part}"): getattr(layer, part) for part in parts}
 
 
 def adapter_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, layer in lora_layers(model).items():
-        out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().to("cpu", dtype).contiguous()
-        out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().to("cpu", dtype).contiguous()
-    return out
+    return {
+        key: p.detach().to("cpu", dtype).contiguous()
+        for name, layer in lora_layers(model).items()
+        for key, p in adapter_params(name, layer).items()
+    }
 
 
 def adapter_state_dict_from(weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict:
-    """PEFT's adapter keys for whole LoRA weights by parameter name (`...q_proj.lora_A`), e.g. gathered from FSDP."""
+    """PEFT's adapter keys for whole adapter weights by parameter name (`...q_proj.lora_A`), e.g. gathered from
+    FSDP."""
     return {
-        f"{PREFIX}{name}.weight": t.detach().to("cpu", dtype).contiguous()
+        peft_key(name): t.detach().to("cpu", dtype).contiguous()
         for name, t in weights.items()
-        if name.endswith((".lora_A", ".lora_B"))
+        if name.rpartition(".")[2] in PEFT_SUFFIX
     }
 
 
@@ -42,8 +58,8 @@ def save_adapter(
     base_model: str | None = None,
     weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the model's LoRA weights and config in PEFT's layout; returns the directory. `weights` (whole LoRA
-    weights by parameter name) replaces reading them from `model`, whose own may be shards."""
+    """Write the model's LoRA (or DoRA) weights and config in PEFT's layout; returns the directory. `weights`
+    (whole adapter weights by parameter name) replaces reading them from `model`, whose own may be shards."""
     cfg: LoRAConfig = model.lora_config
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +74,7 @@ def save_adapter(
         "lora_dropout": cfg.lora_dropout,
         "target_modules": sorted(cfg.target_modules),
         "use_rslora": cfg.use_rslora,
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
         "bias": cfg.bias,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -80,24 +96,28 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     if not cfg_file.exists() or not weights.exists():
         raise ModelLoadError(f"{path}: expected adapter_config.json and adapter_model.safetensors (a PEFT adapter)")
     raw = json.loads(cfg_file.read_text())
-    if raw.get("peft_type", "LORA") != "LORA" or raw.get("use_dora"):
-        raise ModelLoadError(f"{cfg_file}: only plain LoRA adapters can be loaded (found {raw.get('peft_type')})")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ModelLoadError(f"{cfg_file}: only LoRA and DoRA adapters can be loaded (found {raw.get('peft_type')})")
     cfg = LoRAConfig(
         r=raw["r"],
         lora_alpha=raw["lora_alpha"],
         target_modules=list(raw["target_modules"]),
         use_rslora=raw.get("use_rslora", False),
+        use_dora=bool(raw.get("use_dora", False)),
     )
     get_peft_model(model, cfg)
     tensors = load_file(str(weights))
     layers = lora_layers(model)
     used = set()
     for name, layer in layers.items():
-        for part in ("lora_A", "lora_B"):
-            key = f"{PREFIX}{name}.{part}.weight"
+        for key, param in adapter_params(name, layer).items():
             if key not in tensors:
                 raise ModelLoadError(f"{weights}: no tensor {key} for layer {name}")
-            getattr(layer, part).data.copy_(tensors[key])
+            if tensors[key].shape != param.shape:
+                raise ModelLoadError(
+                    f"{weights}: {key} has shape {tuple(tensors[key].shape)}, the layer {tuple(param.shape)}"
+                )
+            param.data.copy_(tensors[key])
             used.add(key)
     extra = sorted(set(tensors) - used)
     if extra:

@@ -338,6 +338,8 @@ LORA_HELP = {
     "lora_dropout": "dropout on the input of the LoRA path",
     "target_modules": "linear layers that get LoRA, by name (all-linear: the attention and MLP projections)",
     "use_rslora": "rank-stabilised scaling, lora_alpha / sqrt(lora_r)",
+    "use_dora": "DoRA (PEFT's use_dora): a trained magnitude per output feature times the normalised LoRA-updated "
+    "weight; one per-feature multiply over LoRA, adapters load in PEFT",
 }
 
 # flat key -> (section, field); the LoRA and data keys carry PEFT / common SFT names
@@ -349,6 +351,7 @@ KEYS.update(
         "lora_dropout": ("lora", "lora_dropout"),
         "target_modules": ("lora", "target_modules"),
         "use_rslora": ("lora", "use_rslora"),
+        "use_dora": ("lora", "use_dora"),
         "dataset": ("data", "path"),
         "dataset_format": ("data", "format"),
         "eval_dataset": ("data", "eval_path"),
