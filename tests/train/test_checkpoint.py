@@ -135,3 +135,11 @@ def test_resume_with_a_lower_learning_rate_keeps_the_schedule_shape(tiny_hf_llam
     assert again.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * factor)
     again.scheduler.step()
     assert again.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * again.scheduler.lr_lambdas[0](5))
+
+
+def test_a_key_added_after_the_checkpoint_compares_with_its_default():
+    """A checkpoint from before a key existed (use_dora, say) resumes when the run keeps that key's default, and is
+    refused when the run changes it."""
+    saved, defaults = {"lora_r": 16}, {"lora_r": 8, "use_dora": False}
+    assert config_differences(saved, {"lora_r": 16, "use_dora": False}, defaults) == []
+    assert config_differences(saved, {"lora_r": 16, "use_dora": True}, defaults) == ["use_dora: False -> True"]

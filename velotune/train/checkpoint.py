@@ -160,8 +160,12 @@ def saved_config(checkpoint: Path) -> dict[str, Any]:
     return yaml.safe_load((checkpoint / CONFIG).read_text()) or {}
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`key: saved -> current` for each setting that differs and that a resumed run must keep."""
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> list[str]:
+    """`key: saved -> current` for each setting that differs and that a resumed run must keep. A key the saved
+    config lacks (added by a later velotune) had its default then: `defaults` gives it."""
+    saved = (defaults or {}) | saved
     keys = sorted((set(saved) | set(current)) - MAY_CHANGE_ON_RESUME)
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 

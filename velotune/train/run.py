@@ -136,7 +136,7 @@ def prepare_model(
 def check_resume(checkpoint: Path, resolved: dict[str, Any], log: Callable[[str], Any]) -> None:
     """Refuse settings that would change the resumed run's batches or steps; note the harmless changes."""
     saved = saved_config(checkpoint)
-    different = config_differences(saved, resolved)
+    different = config_differences(saved, resolved, RunConfig().to_flat())
     if different:
         raise ConfigError(
             f"--resume {checkpoint}: the checkpoint was trained with other settings ({'; '.join(different)}); "
