@@ -162,6 +162,10 @@ def test_run_page_charts_the_metrics_file(dashboard, browser, runs, tmp_path):
     assert "iso_dates_eval.jsonl" in browser.find_element(By.ID, "data-report").text  # the run's data report
     checkpoints = browser.find_elements(By.CSS_SELECTOR, "#checkpoints tr[data-checkpoint]")
     assert [c.get_attribute("data-checkpoint") for c in checkpoints] == ["checkpoint-2", "checkpoint-4"]
+    best = json.loads((runs / "run-a" / "checkpoint-4" / "trainer_state.json").read_text())["best_checkpoint"]
+    assert [c.get_attribute("data-checkpoint") for c in checkpoints if c.find_elements(By.CSS_SELECTOR, ".best")] == [
+        best
+    ]
     before_after = browser.find_element(By.ID, "before-after").text
     summary = json.loads((runs / "run-a" / "summary.json").read_text())
     assert summary["held_out"][0]["prompt"] in before_after

@@ -3,11 +3,17 @@ and counted), a run's status from status.json and the process it names, and the 
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import tomllib
+
+import velotune.dashboard
 from velotune.cli.main import main
 from velotune.dashboard.metrics import MetricsFile
 from velotune.dashboard.paths import Refused, inside
@@ -99,3 +105,16 @@ def test_missing_runs_directory_is_one_clear_message(tmp_path, capsys):
     assert main(["dashboard", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"velotune: error: {tmp_path / 'nope'} does not exist")
+
+
+def test_page_assets_ship_in_the_wheel_and_load_from_it():
+    """Every static file matches pyproject's package-data, and the page asks for nothing from another host."""
+    package = Path(velotune.__file__).parent
+    static = Path(velotune.dashboard.__file__).parent / "static"
+    pyproject = tomllib.loads((package.parent / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["velotune"]
+    files = [p.relative_to(package).as_posix() for p in static.rglob("*") if p.is_file()]
+    assert "dashboard/static/vendor/uPlot.iife.min.js" in files and "dashboard/static/vendor/uPlot.LICENSE" in files
+    assert [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)] == []
+    urls = re.findall(r'(?:src|href)="([^"]+)"', (static / "index.html").read_text())
+    assert "static/vendor/uPlot.iife.min.js" in urls and not [u for u in urls if re.match(r"([a-z]+:)?//", u)]

@@ -149,15 +149,17 @@ class RunsDir:
 
     def checkpoints(self, run_dir: Path) -> list[dict[str, Any]]:
         out = []
-        for path in list_checkpoints(run_dir):
-            state = read_json(path / "trainer_state.json") or {}
+        paths = list_checkpoints(run_dir)
+        states = [read_json(path / "trainer_state.json") or {} for path in paths]
+        best = states[-1].get("best_checkpoint") if states else None  # the newest knows the best of all
+        for path, state in zip(paths, states, strict=True):
             out.append(
                 finite(
                     {
                         "name": path.name,
                         "step": state.get("step"),
                         "eval_loss": state.get("eval_loss"),
-                        "best": state.get("best_checkpoint") == path.name,
+                        "best": best == path.name,
                         "mib": round(_size(path) / 2**20, 1),
                     }
                 )

@@ -5,6 +5,7 @@
 const POLL_METRICS_MS = 1000;
 const POLL_RUN_MS = 3000;
 const POLL_LIST_MS = 2000;
+const STEP_INCREMENTS = [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f"];
 
 // ---- small helpers ------------------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ class Chart {
       width,
       height: 200,
       scales: { x: { time: false } },
-      axes: [{ label: "step" }, { size: 64, values: (u, ticks) => ticks.map(tick) }],
+      axes: [{ label: "step", incrs: STEP_INCREMENTS }, { size: 64, values: (u, ticks) => ticks.map(tick) }],
       series: [
         { label: "step" },
         ...labels.map((label, i) => ({
@@ -406,7 +407,7 @@ async function runView(name) {
         "Data",
         "data-report",
         d.data_report
-          ? el("pre", { text: d.data_report })
+          ? el("pre", { class: "wrap", text: d.data_report })
           : el("p", { class: "muted", text: "this run wrote no data report (data_report.txt); the command below shows one" }),
         d.commands["data inspect"] ? copyable(d.commands["data inspect"]) : null
       )
