@@ -19,7 +19,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from velotune.cli.main import main
 from velotune.dashboard.serve import Dashboard
@@ -41,6 +41,8 @@ def _train(out: Path, model_dir: Path, *extra: str, faults: str = "") -> int:
     args += ["--output_dir", str(out), "--no_progress", "--per_device_train_batch_size", "2", *extra]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VELOTUNE_FAULTS", faults)
+        # as tests/conftest.py's fixture does for each test (a module fixture runs before it)
+        mp.setenv("VELOTUNE_CACHE", str(out.parent.parent / "velotune-cache"))
         return main(args)
 
 
@@ -72,10 +74,11 @@ def runs(tiny_model_dir, tmp_path_factory):
     live = root / "live"
     live.mkdir()
     shutil.copy(root / "run-a" / "config.yaml", live / "config.yaml")
-    write_status(live, "running")  # this process: alive while the tests run
+    write_status(live, "running", planned_gpu_memory_gib=1.5)  # this process: alive while the tests run
     log = MetricsLog(live / "metrics.jsonl")
-    for step in (1, 2, 3):
-        log.write({"step": step, "loss": 3.0 - 0.2 * step, "lr": 1e-3, "grad_norm": 1.0, "tokens": 100 * step})
+    for step in (1, 2, 3):  # as a CUDA GRPO step writes them
+        row = {"step": step, "loss": 3.0 - 0.2 * step, "lr": 1e-3, "grad_norm": 1.0, "tokens": 100 * step}
+        log.write(row | {"reward": 0.1 * step, "kl": 0.01 * step, "gpu_memory_gib": 1.2 + 0.01 * step})
     log.write({"step": 3, "warning": "grad_norm", "message": "gradient norm 12.0 at step 3 is above 10"})
     log.file.write('{"step": 4, "this line is broken\n{"step": 4, "loss": 2.')  # a bad line, then half a line
     log.file.flush()
@@ -114,6 +117,7 @@ def _screenshot(driver, name: str, tmp_path: Path) -> None:
     """Saved under VELOTUNE_SCREENSHOTS when set (the README's pictures), else in the test's temp dir."""
     out = Path(os.environ.get("VELOTUNE_SCREENSHOTS") or tmp_path)
     out.mkdir(parents=True, exist_ok=True)
+    driver.execute_script("window.scrollTo(0, 0)")
     driver.set_window_size(1400, max(900, driver.execute_script("return document.body.scrollHeight") + 40))
     time.sleep(0.3)  # charts redraw at the new size
     assert driver.save_screenshot(str(out / f"{name}.png"))
@@ -172,7 +176,6 @@ def test_run_page_charts_the_metrics_file(dashboard, browser, runs, tmp_path):
     commands = browser.find_element(By.ID, "try-it").text
     assert f"velotune export {runs / 'run-a'} --quant q4_k_m" in commands
     assert f"velotune export {runs / 'run-a'} --format hf" in commands
-    _screenshot(browser, "run", tmp_path)
 
 
 def test_live_run_gains_points_as_metrics_are_written(dashboard, browser, runs):
@@ -183,6 +186,8 @@ def test_live_run_gains_points_as_metrics_are_written(dashboard, browser, runs):
     assert "1 malformed line of metrics.jsonl skipped" in browser.find_element(By.ID, "bad-lines").text
     assert browser.find_element(By.ID, "chart-loss").get_attribute("data-notices") == "1"
     assert "gradient norm 12.0" in browser.find_element(By.ID, "notices").text
+    assert _points(browser, "reward") == [3] and _points(browser, "kl") == [3]
+    assert _points(browser, "gpu_memory") == [3, 3]  # the peak per step, and the planner's prediction beside it
     with open(live / "metrics.jsonl", "a") as f:  # the trainer finishes the half-written line ...
         f.write('5, "lr": 0.001, "grad_norm": 1.0, "tokens": 400}\n')
     log = MetricsLog(live / "metrics.jsonl")  # ... and writes on, as it does (the same writer)
@@ -211,7 +216,7 @@ def test_compare_overlays_two_runs_and_lists_their_differences(dashboard, browse
     _screenshot(browser, "compare", tmp_path)
 
 
-def test_chat_pane_answers_with_the_trained_model(dashboard, browser, runs, capsys):
+def test_chat_pane_answers_with_the_trained_model(dashboard, browser, runs, capsys, tmp_path):
     prompt = "Write May 1, 2000 as an ISO date."
     assert main(["generate", str(runs / "run-a"), "--prompt", prompt, "--max_new_tokens", "8"]) == 0
     expected = capsys.readouterr().out.strip()
@@ -228,6 +233,15 @@ def test_chat_pane_answers_with_the_trained_model(dashboard, browser, runs, caps
         browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chat-log .msg.assistant:not(.pending)"), "an answer"
     )
     assert answer[0].get_attribute("textContent").strip() == expected and expected
+    # checkpoint-4 holds the weights of the last step, so its answer is the trained model's too (loaded another way)
+    Select(browser.find_element(By.ID, "chat-model")).select_by_value("checkpoint-4")
+    browser.find_element(By.ID, "chat-input").send_keys(prompt)
+    browser.find_element(By.ID, "chat-send").click()
+    answer = _wait(
+        browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chat-log .msg.assistant:not(.pending)"), "an answer"
+    )
+    assert len(answer) == 1 and answer[0].get_attribute("textContent").strip() == expected
+    _screenshot(browser, "run", tmp_path)
 
 
 def test_chat_is_closed_for_a_run_without_a_model(dashboard, browser):

@@ -399,10 +399,9 @@ class Trainer:
 
     def _gpu_memory(self) -> dict[str, float]:
         """On CUDA, the peak memory allocated so far (GiB, this process) for the step's metrics row."""
-        device = self.par.env.device
-        if device.type != "cuda":
+        if self.par.env.device.type != "cuda":
             return {}
-        return {"gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
+        return {"gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}  # this process's GPU
 
     @staticmethod
     def _due(every: int, step: int) -> bool:
