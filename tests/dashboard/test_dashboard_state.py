@@ -118,3 +118,16 @@ def test_page_assets_ship_in_the_wheel_and_load_from_it():
     assert [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)] == []
     urls = re.findall(r'(?:src|href)="([^"]+)"', (static / "index.html").read_text())
     assert "static/vendor/uPlot.iife.min.js" in urls and not [u for u in urls if re.match(r"([a-z]+:)?//", u)]
+
+
+def test_unreadable_run_files_are_reported_not_raised(tmp_path):
+    run = tmp_path / "odd"
+    (run / "metrics.jsonl").mkdir(parents=True)  # a directory where the file should be
+    (run / "config.yaml").write_text("model_name_or_path: m\nstarted: 2024-01-01\n")  # a date: no JSON type
+    (run / "summary.json").write_text("{half")
+    runs = RunsDir(tmp_path)
+    row = runs.row(runs.run("odd"))
+    assert row["step"] == 0 and row["model"] == "m" and row["bad_lines"] == 0
+    details = runs.details(runs.run("odd"))
+    assert details["config"]["started"] == "2024-01-01" and details["summary"] is None
+    json.dumps(details, allow_nan=False)  # what the page gets is strict JSON

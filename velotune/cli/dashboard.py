@@ -37,5 +37,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         where = f"http://{socket.gethostname()}:{dashboard.port}/?token={dashboard.token}"
         print(f"from other machines: {where} (anyone with this address can read the runs)", flush=True)
     print("Ctrl-C stops it", flush=True)
-    dashboard.serve()
+    try:
+        dashboard.serve()
+    except KeyboardInterrupt:  # uvicorn stops gracefully on Ctrl-C, then passes it on
+        pass
+    print("dashboard stopped", flush=True)
     return 0

@@ -38,6 +38,8 @@ class MetricsFile:
             except FileNotFoundError:
                 if self._offset:
                     self._reset()
+            except OSError:  # a directory of that name, no permission: nothing to read, as if absent
+                pass
         return self
 
     def _reset(self) -> None:
@@ -81,14 +83,17 @@ class MetricsFile:
 
 
 def finite(value: Any) -> Any:
-    """`value` with every NaN / infinity inside it replaced by None."""
+    """`value` as strict JSON: every NaN / infinity inside it None, anything JSON has no type for (a date in a
+    hand-edited YAML file) its text."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if value is None or isinstance(value, str | int | bool):
+        return value
     if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list):
+        return {k if isinstance(k, str | int) else str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
         return [finite(v) for v in value]
-    return value
+    return str(value)
 
 
 def is_train_row(row: dict[str, Any]) -> bool:

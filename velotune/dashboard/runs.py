@@ -96,7 +96,13 @@ class RunsDir:
     # ---- what the page shows ----------------------------------------------------------------------------------
 
     def row(self, run_dir: Path) -> dict[str, Any]:
-        """One line of the runs list."""
+        """One line of the runs list (a run that cannot be read says why instead)."""
+        try:
+            return self._row(run_dir)
+        except OSError as exc:
+            return {"name": self.name(run_dir), "status": "failed", "note": f"cannot be read: {exc}", "step": 0}
+
+    def _row(self, run_dir: Path) -> dict[str, Any]:
         config, config_error = read_config(run_dir)
         status = run_status(run_dir)
         summary = read_json(run_dir / "summary.json") or {}
