@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
-
-from velotune.errors import ConfigError, ModelLoadError
+from velotune.errors import ConfigError
+from velotune.train.load_run import load_for_generation
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,26 +29,6 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("generate", help="generate from a run directory or a model, chat template applied")
     add_sampling_arguments(p)
     p.add_argument("--prompt", required=True, help="the user message")
-
-
-def load_for_generation(source: str | None) -> tuple[Any, Any]:
-    """Model + tokenizer from a run directory (merged model, or base + adapter) or any model source."""
-    from velotune.lora.peft_format import load_adapter
-    from velotune.models.load import load_model
-
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    path = Path(source) if source else None
-    if path is not None and (path / "config.yaml").exists() and not (path / "config.json").exists():
-        if (path / "merged").exists():
-            return load_model(path / "merged", dtype, device)
-        if not (path / "adapter").exists():
-            raise ModelLoadError(f"{path}: run directory without adapter/ or merged/; was the run finished?")
-        base = yaml.safe_load((path / "config.yaml").read_text()).get("model_name_or_path")
-        model, tok = load_model(base, dtype, device)
-        load_adapter(model, path / "adapter")
-        return model, tok
-    return load_model(source, dtype, device)
 
 
 def sampling_params(args: argparse.Namespace, tokenizer: Any) -> Any:

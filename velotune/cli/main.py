@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from velotune.cli import chat as chat_cmd
+from velotune.cli import dashboard as dashboard_cmd
 from velotune.cli import data as data_cmd
 from velotune.cli import export as export_cmd
 from velotune.cli import generate as generate_cmd
@@ -21,6 +22,7 @@ COMMANDS = {
     "data": data_cmd,
     "export": export_cmd,
     "plan": plan_cmd,
+    "dashboard": dashboard_cmd,
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import subprocess
@@ -35,6 +36,8 @@ from velotune.train.config import (
 
 ACCEPTS_OVERRIDES = True
 FAULTS_ENV = "VELOTUNE_FAULTS"
+# what a run directory holds before the first training step; a run interrupted then leaves nothing behind
+STARTED_ONLY = {"config.yaml", "metrics.jsonl", "status.json", "data_report.txt"}
 
 
 SECTION_TITLES = {"train": "training", "lora": "LoRA", "data": "data"}
@@ -242,8 +245,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         result = run_training(cfg, progress=not args.no_progress, faults=faults)
     except TrainingInterrupted as stop:
         run_dir = stop.checkpoint.parent if stop.checkpoint else Path(cfg.train.output_dir or ".")
+        command = resume_command(config, original, run_dir, args.no_progress)
         print(f"\nvelotune: {stop}", file=sys.stderr)
-        print(f"resume with:\n  {resume_command(config, original, run_dir, args.no_progress)}", file=sys.stderr)
+        print(f"resume with:\n  {command}", file=sys.stderr)
+        _final_status(run_dir, "interrupted", resume_command=command, message=str(stop))
         return 128 + stop.signum
     except KeyboardInterrupt:  # before training started (loading, tokenizing, the before-answers)
         _interrupted_early(Path(cfg.train.output_dir), config, original, args.no_progress)
@@ -252,10 +257,24 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         if launched_by_torchrun():  # one line naming the rank; torchrun then stops the other processes
             rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
             print(f"velotune: rank {rank} of {world} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        _final_status(Path(cfg.train.output_dir), "failed", error=f"{type(exc).__name__}: {exc}")
         raise
     rank0_only(_report, result, cfg)
     shutdown()
     return 0
+
+
+def _final_status(run_dir: Path, status: str, **fields: Any) -> None:
+    """status.json of a run that stopped, if this process started it (its status.json says running with this pid;
+    not so when the run failed before it began, or on ranks other than 0)."""
+    from velotune.train.status import STATUS, write_status
+
+    try:
+        started = json.loads((run_dir / STATUS).read_text())
+    except (OSError, ValueError):
+        return
+    if started.get("status") == "running" and started.get("pid") == os.getpid():
+        write_status(run_dir, status, **fields)
 
 
 def _interrupted_early(run_dir: Path, config: str | None, extra: list[str], no_progress: bool) -> None:
@@ -264,12 +283,11 @@ def _interrupted_early(run_dir: Path, config: str | None, extra: list[str], no_p
     from velotune.train.checkpoint import list_checkpoints
 
     if run_dir.is_dir() and list_checkpoints(run_dir):
-        print(
-            f"\nvelotune: interrupted; resume with:\n  {resume_command(config, extra, run_dir, no_progress)}",
-            file=sys.stderr,
-        )
+        command = resume_command(config, extra, run_dir, no_progress)
+        print(f"\nvelotune: interrupted; resume with:\n  {command}", file=sys.stderr)
+        _final_status(run_dir, "interrupted", resume_command=command, message="interrupted before training resumed")
         return
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"config.yaml", "metrics.jsonl"}:
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= STARTED_ONLY:
         for p in run_dir.iterdir():
             p.unlink()
         run_dir.rmdir()

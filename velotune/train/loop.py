@@ -374,7 +374,8 @@ class Trainer:
             samples = info.pop("samples", None)
             if step % self.cfg.logging_steps == 0 or step == self.total_steps:
                 row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.state.tokens}
-                self._record(row | self.step_metrics | info | {"elapsed_s": round(self.state.elapsed_s, 3)})
+                row |= self.step_metrics | info | {"elapsed_s": round(self.state.elapsed_s, 3)}
+                self._record(row | self._gpu_memory())
             if samples:
                 self._record({"step": step, "samples": samples})
                 self._say(f"step {step} samples:\n" + "\n".join(_sample_line(s) for s in samples))
@@ -395,6 +396,12 @@ class Trainer:
         if self._stop_signal is not None:
             raise TrainingInterrupted(self._stop_signal, step, saved or self.save())
         return stop
+
+    def _gpu_memory(self) -> dict[str, float]:
+        """On CUDA, the peak memory allocated so far (GiB, this process) for the step's metrics row."""
+        if self.par.env.device.type != "cuda":
+            return {}
+        return {"gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}  # this process's GPU
 
     @staticmethod
     def _due(every: int, step: int) -> bool:

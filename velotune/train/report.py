@@ -1,7 +1,8 @@
 """Where metrics go: metrics.jsonl always, TensorBoard and Weights & Biases when asked for and installed, and a PNG
 of the curves at the end.
 
-Rows of metrics.jsonl: training steps {"step", "loss", "lr", "grad_norm", "tokens", "elapsed_s"}, evaluations
+Rows of metrics.jsonl: training steps {"step", "loss", "lr", "grad_norm", "tokens", "elapsed_s"} (and on CUDA
+"gpu_memory_gib", the peak so far), evaluations
 {"step", "eval_loss", "eval_ppl"}, skipped steps {"step", "skipped", "rows"}, monitor notices
 {"step", "warning", "message"} and events such as {"step", "event": "out_of_memory", ...}.
 """

@@ -45,8 +45,10 @@ from velotune.train.memory import (
 )
 from velotune.train.objectives import build_objective
 from velotune.train.report import MetricsLog, open_integrations, plot_metrics
+from velotune.train.status import write_status
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DATA_REPORT = "data_report.txt"  # the training data's report (rows used and dropped, tokens), as the run printed it
 
 
 def resolve_device(name: str) -> torch.device:
@@ -251,9 +253,12 @@ def run(
     else:
         rank0_only((run_dir / METRICS).unlink, missing_ok=True)
     rank0_only((run_dir / "config.yaml").write_text, yaml.safe_dump(resolved, sort_keys=False))
+    rank0_only(write_status, run_dir, "running")
 
     train_ds, eval_ds = load_data(cfg, tok)
-    log(train_ds.report())
+    data_report = train_ds.report()
+    log(data_report)
+    rank0_only((run_dir / DATA_REPORT).write_text, data_report + "\n")
     torch.manual_seed(cfg.train.seed)  # LoRA's initial weights: the same on every process
     prepare_model(model, cfg, log, device)
     parallel = Parallel(model, env, strategy, cfg.train.fsdp_offload_params)
@@ -294,6 +299,8 @@ def run(
     if cfg.train.auto_batch_size:
         log(trainer.auto_micro_batch())
     planned = _plan(model, cfg, device, log)
+    if planned:
+        rank0_only(write_status, run_dir, "running", planned_gpu_memory_gib=round(planned / GiB, 3))
     result = trainer.train(resume_from)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     if peak is not None and planned:
@@ -315,7 +322,11 @@ def run(
     out = RunResult(run_dir, result, before, after, eval_loss, resume_from, peak, planned)
     out.preference_before, out.preference_after = pref_before, pref_after
     out.plot_note = rank0_only(plot_metrics, run_dir / METRICS, run_dir / "training_curves.png") or ""
-    rank0_only((run_dir / "summary.json").write_text, json.dumps(_summary(out), indent=2))
+    summary = _summary(out)
+    if samples and before and after:  # the questions beside the answers, for readers of summary.json
+        summary["held_out"] = [{"prompt": s.prompt[-1]["content"], "reference": s.reference} for s in samples]
+    rank0_only((run_dir / "summary.json").write_text, json.dumps(summary, indent=2))
+    rank0_only(write_status, run_dir, "finished")
     return out
 
 
