@@ -109,12 +109,13 @@ def quantize_model(
     return model
 
 
-def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every quantized layer with an nn.Linear holding its dequantized weight (default: compute dtype).
-
-    The weights are what the quantized model computed with (for merging adapters and export), frozen like before.
+def dequantize_model(
+    model: nn.Module, dtype: torch.dtype | None = None, kinds: tuple[type, ...] = (FrozenQuantLinear,)
+) -> nn.Module:
+    """Replace every quantized layer (of `kinds`) with an nn.Linear holding its dequantized weight (default: compute
+    dtype). The weights are what the quantized model computed with (for merging adapters and export), frozen.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, FrozenQuantLinear)]
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
     for name in names:
         q = model.get_submodule(name)
         weight = q.dequantize(dtype)  # [out, in]
