@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.conftest import tiny_llama_config
-from velotune.errors import QuantizationError
+from velotune.errors import ConfigError, QuantizationError
 from velotune.lora.apply import ALL_PROJECTIONS
 from velotune.quant.apply import dequantize_model
 from velotune.quant.fp8 import LinearFP8
@@ -112,3 +112,14 @@ def test_bf16_checkpoint_is_quantized_per_channel_while_loading(fp8_checkpoint, 
     with torch.no_grad():
         ref = hf(input_ids=ids).logits
         assert ((model(ids).logits - ref).norm() / ref.norm()).item() < 0.1
+
+
+def test_fast_language_model_loads_in_fp8(tiny_model_dir):
+    from velotune.compat.fast_model import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir), load_in_fp8=True)
+    assert any(isinstance(m, LinearFP8) for m in model.modules())
+    with pytest.raises(ConfigError, match="load_in_4bit and load_in_fp8"):
+        FastLanguageModel.from_pretrained(str(tiny_model_dir), load_in_fp8=True, load_in_4bit=True)
+    with pytest.raises(ConfigError, match="load_in_fp8"):
+        FastLanguageModel.from_pretrained(str(tiny_model_dir), load_in_fp8=True, full_finetuning=True)
