@@ -8,10 +8,12 @@ as stored (quant/loading.py). Two granularities, one parameter (`granularity`):
 - "channel" (the default): one scale per output channel, block (1, in), weight_scale_inv [out, 1];
 - "block": 128 x 128 blocks, weight_scale_inv [ceil(out / 128), ceil(in / 128)], as published checkpoints are.
 
-Per-channel is the default because it is as accurate here and is the faster matmul: e4m3 is a floating-point
-format, so a row's outlier costs its other values no precision unless they fall 2^14.8 below it, and on 8B-sized
-random and heavy-tailed weights the two round-trip errors differ by under 2% (tests/quant/test_fp8.py records both).
-Its scales factor out of the GEMM, so forward and backward run as cuBLAS's row-wise scaled matmul
+Per-channel is the default because it is about as accurate and is the faster matmul. e4m3 is a floating-point
+format, so a row's outlier costs its other values no precision unless they fall 2^14.8 below it: measured on CPU
+(tests/quant/test_fp8.py), the weight round-trip error per channel / per block is 0.0265 / 0.0264 (Gaussian
+1024 x 4096), 0.0252 / 0.0257 (Student-t(3)), 0.0248 / 0.0263 (1% outlier input columns), and a tiny Llama's logits
+error with weights and activations in FP8 is 0.061 / 0.056 (weights alone: 0.046 for both). Per-channel scales
+factor out of the GEMM, so forward and backward run as cuBLAS's row-wise scaled matmul
 (`torch._scaled_mm`) with no custom kernel, while 128 x 128 blocks need the Triton kernel of kernels/fp8_matmul.py.
 
 Embeddings, norms, the LM head and LoRA weights stay 16-bit. The matmuls (kernels/fp8_matmul.py) quantize
