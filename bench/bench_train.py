@@ -3,6 +3,7 @@ same random checkpoint, same token batches (torch.randint on a CUDA generator se
 `warmup`, peak allocated memory after the optimizer exists. Prints one `RESULT {json}` line.
 
   python bench/bench_train.py --dir /tmp/m8b --quant none --bs 2 --seq 2048 --ckpt offload [--dora]
+  python bench/bench_train.py --dir /tmp/m8b --quant fp8 --bs 2 --seq 2048 --ckpt offload   # FP8 base (load_in_fp8)
   python bench/bench_train.py table results.jsonl     # markdown table with velotune/anchor ratios
 """
 
@@ -42,7 +43,7 @@ def lora_model(a: argparse.Namespace) -> tuple:
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     """The options lora_model reads (shared by the benches that time or profile a step)."""
     ap.add_argument("--dir", required=True)
-    ap.add_argument("--quant", default="none", choices=["none", "nf4"])
+    ap.add_argument("--quant", default="none", choices=["none", "nf4", "fp8"])
     ap.add_argument("--bs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--r", type=int, default=16)
@@ -149,10 +150,14 @@ def table(path: str) -> None:
         if r["impl"] != "velotune" or not r.get("ok"):
             continue
         for anchor in rows:
-            same = all(anchor[k] == r[k] for k in ("quant", "bs", "seq"))
-            if anchor["impl"] != "velotune" and same and anchor.get("ok"):
+            # an FP8 run is compared with the 16-bit anchors and with velotune 16-bit (the same LoRA, other weights)
+            quant = anchor["quant"] == r["quant"] or (r["quant"] == "fp8" and anchor["quant"] == "none")
+            same = quant and all(anchor[k] == r[k] for k in ("bs", "seq"))
+            other = anchor["impl"] != "velotune" or (r["quant"] == "fp8" and anchor["quant"] == "none")
+            if other and same and anchor.get("ok"):
                 print(
-                    f"velotune({r.get('checkpointing')}) / {anchor['impl']} [{r['quant']} {r['bs']}x{r['seq']}]: "
+                    f"velotune({r.get('checkpointing')}) / {anchor['impl']}({anchor['quant']}) "
+                    f"[{r['quant']} {r['bs']}x{r['seq']}]: "
                     f"speed {r['tok_s'] / anchor['tok_s']:.2f}x, memory {r['peak_gib'] / anchor['peak_gib']:.2f}x"
                 )
 

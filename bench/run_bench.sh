@@ -1,7 +1,8 @@
 #!/bin/bash
 # One device call: kernel tests, the 8B-shaped random checkpoint, velotune and the anchors on the same batches,
 # then the ratio table. Needs bench/carry/ (anchors.tgz + anchor_bench.py, see ../shared/bench/README.md).
-#   VT="none:2:2048:offload nf4:2:2048:offload"  velotune configs (quant:bs:seq:ckpt[:fraction of layers ckpt])
+#   VT="none:2:2048:offload nf4:2:2048:offload"  velotune configs (quant:bs:seq:ckpt[:fraction of layers ckpt]);
+#     quant: none | nf4 | fp8 (FP8 base weights, load_in_fp8; compared with the 16-bit anchors and velotune none)
 #   ANCHORS="hf:none:2:2048 unsloth:none:2:2048"  anchor configs (impl:quant:bs:seq); empty skips them
 #   KTESTS=1 runs the GPU kernel tests first; PRESET=llama3-8b
 set -u

@@ -24,17 +24,24 @@ def load_model(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
     device: str | torch.device | None = None,
+    load_in_fp8: bool = False,
 ) -> tuple[CausalLM, Any]:
     """(model, tokenizer) from an HF directory, a .gguf file, a hub id, or None for the embedded SmolLM2.
 
     dtype defaults to bfloat16 on CUDA and float32 on CPU; load_in_4bit quantizes the decoder's linear layers to NF4
-    while loading (bitsandbytes 4-bit checkpoints load as stored), load_in_8bit to int8.
+    while loading (bitsandbytes 4-bit checkpoints load as stored), load_in_8bit to int8, load_in_fp8 to FP8 (e4m3
+    with a scale per output channel, FP8 matmuls; FP8 checkpoints load as stored).
     """
-    if load_in_4bit and load_in_8bit:
-        raise ConfigError("load_in_4bit and load_in_8bit are both set; choose one")
+    chosen = [
+        k
+        for k, v in (("load_in_4bit", load_in_4bit), ("load_in_8bit", load_in_8bit), ("load_in_fp8", load_in_fp8))
+        if v
+    ]
+    if len(chosen) > 1:
+        raise ConfigError(f"{' and '.join(chosen)} are set together; choose one")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    method = "nf4" if load_in_4bit else "int8" if load_in_8bit else None
+    method = "nf4" if load_in_4bit else "int8" if load_in_8bit else "fp8" if load_in_fp8 else None
     return load_quantized(source, method, dtype, device)
 
 

@@ -96,7 +96,9 @@ def test_tied_lm_head_is_refused_unless_skipped():
 
 
 def test_unknown_method_and_unmatched_target_are_errors():
-    with pytest.raises(QuantizationError, match=r"unknown quantization method 'fp4'; use one of \['int8', 'nf4'\]"):
+    with pytest.raises(
+        QuantizationError, match=r"unknown quantization method 'fp4'; use one of \['fp8', 'int8', 'nf4'\]"
+    ):
         quantize_model(TinyLM(), "fp4")
     with pytest.raises(QuantizationError, match=r"targets \['qproj'\] match no module"):
         quantize_model(TinyLM(), "nf4", targets={"qproj"})

@@ -41,7 +41,7 @@ _UNSUPPORTED_LOAD_ARGS = {
     "fast_inference": "velotune generates with its own KV cache (model.generate); drop fast_inference",
     "rope_scaling": "velotune uses the checkpoint's RoPE settings; keep max_seq_length within its context",
     "resize_model_vocab": "velotune keeps the checkpoint's vocabulary",
-    "load_in_16bit": "16-bit is the default when load_in_4bit and load_in_8bit are False",
+    "load_in_16bit": "16-bit is the default when load_in_4bit, load_in_8bit and load_in_fp8 are False",
 }
 _UNSUPPORTED_PEFT_ARGS = {
     "loftq_config": "LoftQ initialisation is not supported; drop loftq_config (QLoRA works with load_in_4bit=True)",
@@ -129,6 +129,7 @@ class FastLanguageModel:
         dtype: torch.dtype | str | None = None,
         load_in_4bit: bool = _UNSET,
         load_in_8bit: bool = False,
+        load_in_fp8: bool = False,
         full_finetuning: bool = False,
         token: str | None = None,
         device_map: Any = None,
@@ -140,7 +141,9 @@ class FastLanguageModel:
         directory (its base is loaded, then the adapter), or None for the embedded SmolLM2.
 
         load_in_4bit defaults to True, as in the tutorials (NF4 base weights for QLoRA; `-bnb-4bit` checkpoints are
-        read as stored); full_finetuning=True loads 16-bit weights that all train. dtype None: bfloat16 on CUDA,
+        read as stored); load_in_fp8=True stores the decoder's linears in FP8 and multiplies in FP8 (a GPU of compute
+        capability 8.9+, or the reference on CPU; FP8 checkpoints are read as stored); full_finetuning=True loads
+        16-bit weights that all train. dtype None: bfloat16 on CUDA,
         float32 on CPU.
         """
         for name, value in kwargs.items():
@@ -150,12 +153,13 @@ class FastLanguageModel:
                 raise ConfigError(f"from_pretrained() got an unexpected argument {name!r}")
         if kwargs.get("trust_remote_code"):
             raise ConfigError("trust_remote_code=True: velotune runs its own decoder and never executes hub code")
-        if full_finetuning and (load_in_4bit is True or load_in_8bit):
+        if full_finetuning and (load_in_4bit is True or load_in_8bit or load_in_fp8):
             raise ConfigError(
-                "full_finetuning=True trains every weight in 16-bit; it cannot be combined with load_in_4bit or "
-                "load_in_8bit (use LoRA via get_peft_model for a quantized base)"
+                "full_finetuning=True trains every weight in 16-bit; it cannot be combined with load_in_4bit, "
+                "load_in_8bit or load_in_fp8 (use LoRA via get_peft_model for a quantized base)"
             )
-        load_in_4bit = (not full_finetuning and not load_in_8bit) if load_in_4bit is _UNSET else load_in_4bit
+        default_4bit = not (full_finetuning or load_in_8bit or load_in_fp8)
+        load_in_4bit = default_4bit if load_in_4bit is _UNSET else load_in_4bit
         if use_gradient_checkpointing not in _CHECKPOINTING:
             raise ConfigError(
                 f"use_gradient_checkpointing={use_gradient_checkpointing!r}; use True, False or 'unsloth' (offload)"
@@ -169,7 +173,9 @@ class FastLanguageModel:
         if source is not None and (Path(str(source)).expanduser() / "adapter_config.json").is_file():
             adapter_dir = Path(str(source)).expanduser()
             source = _adapter_base(adapter_dir)
-        lm, tokenizer = load_model(source, _dtype(dtype), load_in_4bit, load_in_8bit, _device(device_map))
+        lm, tokenizer = load_model(
+            source, _dtype(dtype), load_in_4bit, load_in_8bit, _device(device_map), load_in_fp8=load_in_fp8
+        )
         if adapter_dir is not None:
             load_adapter(lm, adapter_dir)
             if (adapter_dir / "tokenizer_config.json").is_file():

@@ -43,6 +43,16 @@ def _materialize(weight: Weight) -> torch.Tensor:
     return weight() if callable(weight) else weight
 
 
+def _base_grad(dy: torch.Tensor, weight: Weight, dx: torch.Tensor | None = None) -> torch.Tensor:
+    """dy [N, out] @ W -> [N, in], added into `dx` when given; a storage with its own backward matmul
+    (`base_grad_matmul`: FP8, quant/fp8.FP8FrozenWeight) runs it, any other weight is materialised."""
+    grad_matmul = getattr(weight, "base_grad_matmul", None)
+    if grad_matmul is None:
+        w = _materialize(weight)
+        return torch.mm(dy, w) if dx is None else dx.addmm_(dy, w)
+    return grad_matmul(dy) if dx is None else dx.add_(grad_matmul(dy))
+
+
 def lora_linear_reference(
     x: torch.Tensor,
     weight: Weight,
@@ -146,10 +156,11 @@ def _lora_forward(
     s: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [N, out], xl2 A^T [N, r]) for x2, xl2 [N, in]; A, B in x2's dtype. The weight is materialised unless the
-    storage multiplies few rows without it (a 4-bit base's decode-time GEMV, quant/nf4.FrozenWeight)."""
+    storage has its own matmul (`base_matmul`: FP8, quant/fp8.FP8FrozenWeight) or multiplies few rows without it (a
+    4-bit base's decode-time GEMV, quant/nf4.FrozenWeight)."""
     xa = xl2 @ a.t()  # [N, r]
-    small = getattr(weight, "small_matmul", None)
-    y = small(x2) if small is not None else None
+    own = getattr(weight, "base_matmul", None) or getattr(weight, "small_matmul", None)
+    y = own(x2) if own is not None else None
     if y is None:
         y = F.linear(x2, _materialize(weight), bias)  # [N, out]
     elif bias is not None:
@@ -181,8 +192,7 @@ def _lora_backward(
     dyb = (dy @ b).mul_(s) if (need_x or need_a) else None  # [N, r], scaled once here
     dxl = None
     if need_x:
-        w = _materialize(weight)
-        dx = torch.mm(dy, w) if dx is None else dx.addmm_(dy, w)  # [N, in]
+        dx = _base_grad(dy, weight, dx)  # [N, in]
         if lora_dx_apart:
             dxl = dyb @ a
         else:
@@ -492,7 +502,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         # down projection: d h [N, I] always (gate/up adapters need it); its A-gradient needs h, rebuilt below
         a_d, b_d = down_a.to(dy.dtype), down_b.to(dy.dtype)
         dyb_d = (dz_d @ b_d).mul_(s_down)  # [N, r]
-        dh = torch.mm(dz_d, _materialize(w_down)).addmm_(dyb_d, a_d)  # [N, I]
+        dh = _base_grad(dz_d, w_down).addmm_(dyb_d, a_d)  # [N, I]
         db_d = (dz_d.t() @ xa_d).to(down_b.dtype).mul_(s_down) if need[6] else None
         del dz_d
         g = pre_g if sc_g is None else _scaled(pre_g, sc_g, ctx.biases[0], in_place=False)  # [N, I]

@@ -4,6 +4,7 @@ weights."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -12,8 +13,11 @@ from torch import nn
 
 from velotune.errors import ConfigError
 from velotune.lora.layers import LoRALinear
+from velotune.quant.apply import dequantize_model
+from velotune.quant.fp8 import LinearFP8
 from velotune.quant.nf4 import FrozenQuantLinear
 
+log = logging.getLogger("velotune.lora")
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -92,7 +96,15 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by an nn.Linear holding its merged weight (in place), in the base dtype: W + B @ A *
-    scaling, for DoRA times m / ||W + B @ A * scaling|| per row."""
+    scaling, for DoRA times m / ||W + B @ A * scaling|| per row. FP8 bases merge from their dequantized weights, and
+    FP8 layers without an adapter are dequantized too, so the result is a 16-bit model (logged)."""
+    fp8 = [n for n, m in model.named_modules() if isinstance(m, LinearFP8)]
+    if fp8:
+        log.info(
+            "merging LoRA into the dequantized FP8 base weights: %d FP8 layers become 16-bit (the merged model is "
+            "the FP8 base plus the adapter, not the original 16-bit checkpoint)",
+            len(fp8),
+        )
     for name, layer in lora_layers(model).items():
         base = layer.base_layer
         weight = layer.merged_weight()  # [out, in] fp32
@@ -106,6 +118,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
         merged.requires_grad_(False)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, merged)
+    if fp8:
+        dequantize_model(model, kinds=(LinearFP8,))  # FP8 layers without an adapter
+        model.quantization = None
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model

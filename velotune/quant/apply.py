@@ -1,4 +1,4 @@
-"""Swap a model's nn.Linear layers for frozen quantized ones (NF4 or int8) in place, and back.
+"""Swap a model's nn.Linear layers for frozen quantized ones (NF4, int8 or FP8) in place, and back.
 
 Layers are replaced one at a time, each quantized on `device` and its 16-bit weight released before the next, so
 memory on the device grows by the quantized size plus one layer. Embeddings and norms are not nn.Linear and stay in
@@ -15,12 +15,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from velotune.errors import QuantizationError
+from velotune.quant.fp8 import LinearFP8
 from velotune.quant.int8 import Linear8bit
 from velotune.quant.nf4 import FrozenQuantLinear, Linear4bit
 
 QUANTIZERS: dict[str, Callable[[nn.Linear, torch.dtype], FrozenQuantLinear]] = {
     "nf4": Linear4bit.from_linear,
     "int8": Linear8bit.from_linear,
+    "fp8": LinearFP8.from_linear,
 }
 
 
@@ -83,7 +85,8 @@ def quantize_model(
 ) -> nn.Module:
     """Replace every nn.Linear (or only `targets`), except `skip`, with a frozen quantized layer, in place.
 
-    method: "nf4" (Linear4bit, block 64, double-quantized absmax) or "int8" (Linear8bit, per-row scale).
+    method: "nf4" (Linear4bit, block 64, double-quantized absmax), "int8" (Linear8bit, per-row scale) or "fp8"
+    (LinearFP8, float8_e4m3fn with a scale per output channel; FP8 matmuls).
     device: where each layer is quantized and left (default: where it is). progress shows a bar over the layers.
     """
     if method not in QUANTIZERS:
@@ -106,12 +109,13 @@ def quantize_model(
     return model
 
 
-def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every quantized layer with an nn.Linear holding its dequantized weight (default: compute dtype).
-
-    The weights are what the quantized model computed with (for merging adapters and export), frozen like before.
+def dequantize_model(
+    model: nn.Module, dtype: torch.dtype | None = None, kinds: tuple[type, ...] = (FrozenQuantLinear,)
+) -> nn.Module:
+    """Replace every quantized layer (of `kinds`) with an nn.Linear holding its dequantized weight (default: compute
+    dtype). The weights are what the quantized model computed with (for merging adapters and export), frozen.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, FrozenQuantLinear)]
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
     for name in names:
         q = model.get_submodule(name)
         weight = q.dequantize(dtype)  # [out, in]

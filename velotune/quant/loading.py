@@ -1,6 +1,6 @@
-"""Quantize while loading: each linear weight of the decoder layers becomes NF4 / int8 as it is read, and
-bitsandbytes 4-bit checkpoints (`*-bnb-4bit`) are read as stored. Peak memory stays near the quantized size:
-no 16-bit copy of the whole model ever exists on the host or the GPU.
+"""Quantize while loading: each linear weight of the decoder layers becomes NF4 / int8 / FP8 as it is read, and
+bitsandbytes 4-bit checkpoints (`*-bnb-4bit`) and FP8 checkpoints (quant_method "fp8") are read as stored. Peak
+memory stays near the quantized size: no 16-bit copy of the whole model ever exists on the host or the GPU.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from velotune.models.decoder import CausalLM
 from velotune.models.families import check_dtype
 from velotune.models.load import ModulePlacement, load_model
 from velotune.quant.bnb_load import bnb_4bit_layers, from_bnb_state_dict
+from velotune.quant.fp8 import LinearFP8, checkpoint_block_size, from_checkpoint, quantize_fp8, require_fp8_device
 from velotune.quant.int8 import Linear8bit
 from velotune.quant.nf4 import Linear4bit, quantize
 
-METHODS = ("nf4", "int8")
+METHODS = ("nf4", "int8", "fp8")
+FP8_SCALE_KEY = ".weight_scale_inv"
 
 
 def _layer_of(key: str) -> str:
@@ -41,8 +43,12 @@ class QuantizingHook:
         if method is not None and method not in METHODS:
             raise QuantizationError(f"quantization {method!r} is not supported; choose one of: {', '.join(METHODS)}")
         self.method, self.compute_dtype, self.device, self.targets = method, compute_dtype, device, targets
+        if method == "fp8":
+            require_fp8_device(device)
         self.quantize_on = quantize_on or device  # e.g. quantize on the GPU, keep the result in host memory
         self.bnb: dict[str, set[str]] = {}  # layer -> the checkpoint keys it is stored under
+        self.fp8: dict[str, set[str]] = {}  # layers stored in FP8 -> their checkpoint keys
+        self.fp8_block: tuple[int, int] = (0, 0)
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
         self.quantized: set[str] = set()
 
@@ -54,6 +60,17 @@ class QuantizingHook:
             raise QuantizationError(f"layers {', '.join(bad[:3])} are bitsandbytes {layers[bad[0]]}; only nf4 loads")
         for layer in layers:
             self.bnb[layer] = {k for k in keys if k.startswith(layer + ".") and _layer_of(k) == layer}
+        block = checkpoint_block_size(hf_config)
+        if block is None:
+            return
+        if self.method not in (None, "fp8"):
+            raise QuantizationError(
+                f"the checkpoint is stored in FP8 (quantization_config.quant_method 'fp8'); load it with load_in_fp8 "
+                f"(or no quantization: it loads as stored), not as {self.method}, or use its 16-bit checkpoint"
+            )
+        self.fp8_block = block
+        for layer in (k.removesuffix(FP8_SCALE_KEY) for k in keys if k.endswith(FP8_SCALE_KEY)):
+            self.fp8[layer] = {k for k in keys if k.startswith(layer + ".") and _layer_of(k) == layer}
 
     def _is_target(self, layer: str, tensor: torch.Tensor) -> bool:
         return (
@@ -65,6 +82,8 @@ class QuantizingHook:
 
     def __call__(self, name: str, tensor: torch.Tensor) -> list[tuple[str, Any]]:
         layer = _layer_of(name)
+        if layer in self.fp8:
+            return self._stored_fp8(layer, name, tensor)
         if layer in self.bnb:
             buf = self.pending.setdefault(layer, {})
             buf[name] = tensor
@@ -85,7 +104,21 @@ class QuantizingHook:
             return [(layer, ModulePlacement(module, (name,) + ((layer + ".bias",) if bias is not None else ())))]
         return [(name, tensor)]
 
+    def _stored_fp8(self, layer: str, name: str, tensor: torch.Tensor) -> list[tuple[str, Any]]:
+        """Hold a published FP8 layer's tensors until all have arrived, then place it as stored."""
+        buf = self.pending.setdefault(layer, {})
+        buf[name] = tensor
+        if len(buf) < len(self.fp8[layer]):
+            return []
+        del self.pending[layer]
+        module = from_checkpoint(buf, layer + ".", self.fp8_block, self.compute_dtype).to(self.device)
+        return [(layer, ModulePlacement(module, tuple(sorted(k for k in buf if not k.endswith(FP8_SCALE_KEY)))))]
+
     def _quantize(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        if self.method == "fp8":
+            w8, scale, block = quantize_fp8(weight.to(self.quantize_on, self.compute_dtype))
+            b = bias.to(self.device, self.compute_dtype) if bias is not None else None
+            return LinearFP8(w8.to(self.device), scale.to(self.device), block, b, self.compute_dtype)
         if self.method == "nf4":
             w = weight.to(self.quantize_on, self.compute_dtype)
             b = bias.to(self.device, self.compute_dtype) if bias is not None else None
@@ -114,7 +147,9 @@ def load_quantized(
     hook = QuantizingHook(method, dtype, device, quantize_on=quantize_on)
     model, tok = load_model(source, dtype, device, hook=hook, with_tokenizer=with_tokenizer, progress=progress)
     if hook.pending:
-        raise QuantizationError(f"incomplete 4-bit layers in the checkpoint: {', '.join(sorted(hook.pending)[:3])}")
+        raise QuantizationError(
+            f"incomplete 4-bit / FP8 layers in the checkpoint: {', '.join(sorted(hook.pending)[:3])}"
+        )
     check_dtype(model.config, dtype)  # Gemma overflows in float16: ask for bfloat16
-    model.quantization = method or ("nf4" if hook.bnb else None)
+    model.quantization = method or ("nf4" if hook.bnb else "fp8" if hook.fp8 else None)
     return model, tok

@@ -57,6 +57,9 @@ class TrainConfig:
     dtype: str = setting("auto", "precision of weights and compute (auto: bfloat16 on CUDA, float32 on CPU)", DTYPES)
     load_in_4bit: bool = setting(False, "NF4 base weights (QLoRA); bitsandbytes 4-bit checkpoints load as stored")
     load_in_8bit: bool = setting(False, "int8 base weights")
+    load_in_fp8: bool = setting(
+        False, "FP8 (e4m3) base weights with FP8 matmuls (GPU: compute capability 8.9+); FP8 checkpoints load as stored"
+    )
     learning_rate: float = setting(2e-4, "peak learning rate, reached after warm-up")
     per_device_train_batch_size: int = setting(4, "rows per micro-batch on each process")
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step")
@@ -162,7 +165,7 @@ class TrainConfig:
 
     @property
     def quantization(self) -> str | None:
-        return "nf4" if self.load_in_4bit else "int8" if self.load_in_8bit else None
+        return "nf4" if self.load_in_4bit else "int8" if self.load_in_8bit else "fp8" if self.load_in_fp8 else None
 
     def __post_init__(self) -> None:
         _choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
@@ -212,12 +215,11 @@ class TrainConfig:
                 "checkpoint (e.g. 0.5: every other layer), auto (the fewest that fit this GPU's memory), or "
                 "gradient_checkpointing: false"
             )
-        if self.load_in_4bit and self.load_in_8bit:
-            raise ConfigError("load_in_4bit and load_in_8bit are both set; choose one")
-        if (self.load_in_4bit or self.load_in_8bit) and self.finetuning != "lora":
-            raise ConfigError(
-                f"{self.finetuning} fine-tuning needs 16-bit weights; drop load_in_4bit/load_in_8bit or use LoRA"
-            )
+        chosen = [k for k in ("load_in_4bit", "load_in_8bit", "load_in_fp8") if getattr(self, k)]
+        if len(chosen) > 1:
+            raise ConfigError(f"{' and '.join(chosen)} are set together; choose one base-weight format")
+        if chosen and self.finetuning != "lora":
+            raise ConfigError(f"{self.finetuning} fine-tuning needs 16-bit weights; drop {chosen[0]} or use LoRA")
         self._check_partial()
         self.report_to = _report_targets(self.report_to)
         if self.resume == "":

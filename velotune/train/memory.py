@@ -4,8 +4,8 @@ The prediction is what torch.cuda.max_memory_allocated() reports (the CUDA conte
 and are handled by the "fits" check). Its parts, for T = micro-batch x sequence tokens, H hidden, I intermediate,
 L layers, V vocabulary, and a = bytes per activation value (2 in bf16):
 
-- weights: decoder linears at 2 bytes/param (bf16), NF4 ~0.52 (4 bits + double-quantized absmax), int8 1 (+ a
-  float32 scale per row); embeddings, lm_head and norms stay 16-bit;
+- weights: decoder linears at 2 bytes/param (bf16), NF4 ~0.52 (4 bits + double-quantized absmax), int8 and FP8 1
+  (+ a float32 scale per row); embeddings, lm_head and norms stay 16-bit;
 - trained parameters: LoRA A/B in fp32 (value, gradient, optimizer states); full/partial fine-tuning adds the
   gradient and optimizer states of the 16-bit weights (AdamW: 2 states in the parameter dtype; adamw_8bit ~2.03 bytes;
   adafactor: a row and a column vector per matrix; sgd: none);
@@ -56,12 +56,13 @@ GPUS: dict[str, int] = {
     "H100": 81559 * MiB,
     "H200": 143771 * MiB,
 }
-QUANT_BYTES = {None: None, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}  # per weight; None: param_bytes
+QUANT_BYTES = {None: None, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0, "fp8": 1.0}  # per weight; None: 16-bit
+ROW_SCALE_BYTES = {"int8": 4, "fp8": 4}  # float32 scale per output row (SCB; FP8's per-channel weight_scale_inv)
 CHECKPOINTING = {None: "none", "checkpoint": "recompute", "offload": "offload"}
 # Relative cost per token, for ranking settings that fit: recompute adds a forward (4/3); offload a little more;
 # 4-bit dequantizes weights on the fly; short micro-batches leave the GPU partly idle.
 COMPUTE_COST = {None: 1.0, "checkpoint": 4 / 3, "offload": 4 / 3 * 1.05}
-QUANT_COST = {None: 1.0, "nf4": 1.1, "int8": 1.1}
+QUANT_COST = {None: 1.0, "nf4": 1.1, "int8": 1.1, "fp8": 1.0}  # fp8: unmeasured; FP8 matmuls, quantized inputs
 HALF_UTILISATION_TOKENS = 512
 CHECKPOINT_FRACTIONS = (1.0, 0.75, 0.5, 0.4, 0.3, 0.2, 0.1)  # gradient_checkpointing_layers the planner tries
 
@@ -74,7 +75,7 @@ class Setting:
     seq_len: int = 2048
     checkpointing: str | None = "checkpoint"  # None | "checkpoint" (recompute) | "offload"
     checkpoint_layers: float = 1.0  # fraction of layers checkpointed; the others keep all their activations
-    quantization: str | None = None  # None | "nf4" | "int8"
+    quantization: str | None = None  # None | "nf4" | "int8" | "fp8"
     finetuning: str = "lora"  # lora | full | partial
     lora_r: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -131,7 +132,7 @@ def count_parameters(cfg: ModelConfig) -> int:
 def _weights(cfg: ModelConfig, s: Setting) -> int:
     per_weight = QUANT_BYTES[s.quantization] or s.param_bytes
     linears = sum(
-        a * b * per_weight + (4 * b if s.quantization == "int8" else 0) for a, b in linear_shapes(cfg).values()
+        a * b * per_weight + ROW_SCALE_BYTES.get(s.quantization, 0) * b for a, b in linear_shapes(cfg).values()
     )
     vh = cfg.vocab_size * cfg.hidden_size
     rest = _norms_per_layer(cfg) * cfg.num_layers + cfg.hidden_size + vh * (1 if cfg.tie_word_embeddings else 2)
@@ -200,7 +201,11 @@ def estimate(cfg: ModelConfig, s: Setting) -> Estimate:
     loss = min(t, chunk_tokens(cfg.vocab_size, a)) * cfg.vocab_size * a + 3 * t * h * a
     loss += cfg.vocab_size * h * 4 if head_trains else 0
     values, states = _trained(cfg, s)
-    weights_label = {None: "weights (16-bit)", "nf4": "weights (NF4 decoder, 16-bit embeddings)"}
+    weights_label = {
+        None: "weights (16-bit)",
+        "nf4": "weights (NF4 decoder, 16-bit embeddings)",
+        "fp8": "weights (FP8 decoder, 16-bit embeddings)",
+    }
     label = f"saved activations ({CHECKPOINTING[s.checkpointing]})"
     parts = {
         weights_label.get(s.quantization, "weights (int8 decoder, 16-bit embeddings)"): _weights(cfg, s),
@@ -233,7 +238,12 @@ class Recommendation:
 
     def describe(self) -> str:
         s = self.setting
-        quant = {None: "16-bit", "nf4": "4-bit (load_in_4bit)", "int8": "8-bit (load_in_8bit)"}[s.quantization]
+        quant = {
+            None: "16-bit",
+            "nf4": "4-bit (load_in_4bit)",
+            "int8": "8-bit (load_in_8bit)",
+            "fp8": "FP8 (load_in_fp8)",
+        }[s.quantization]
         layers = f" ({s.checkpoint_layers:g} of layers)" if s.checkpointing and s.checkpoint_layers < 1 else ""
         return (
             f"micro-batch {s.micro_batch}, gradient_accumulation_steps {self.accumulation}, gradient_checkpointing "
