@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from velotune.kernels.attention import attention
+from velotune.kernels.attention import Documents, attention, document_attention
 from velotune.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy, linear_token_logps
 from velotune.kernels.glu import GATED_ACTIVATIONS
 from velotune.kernels.lora import lora_mlp, project_for_backward
@@ -127,11 +127,25 @@ class StaticKVCache:
 
 @dataclass
 class AttentionMasks:
-    """Per-forward masks: `full` for global layers, `sliding` for sliding-window layers (None = plain causal)."""
+    """Per-forward masks. A full-sequence forward carries `documents` (packed documents / padding segments, None =
+    one per row) and the sliding `window` and never a [T x T] tensor; KV-cache steps carry boolean `full` for
+    global layers and `sliding` for sliding-window layers ([B, 1, Tq, Tk], None = plain causal)."""
 
     full: torch.Tensor | None
     sliding: torch.Tensor | None
     causal: bool
+    documents: Documents | None = None
+    window: int | None = None
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding: bool, scale: float, softcap: float | None
+    ) -> torch.Tensor:
+        """Attention of q [B, Hq, Tq, D] over k/v [B, Hk, Tk, D] for a global (sliding=False) or sliding layer."""
+        window = self.window if sliding else None
+        if self.documents is not None or window is not None:
+            return document_attention(q, k, v, self.documents, window, scale, softcap)
+        mask = self.sliding if sliding else self.full
+        return attention(q, k, v, mask, self.causal and mask is None, scale, softcap)
 
 
 class Attention(nn.Module):
@@ -167,8 +181,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        mask = masks.sliding if self.sliding else masks.full
-        out = attention(q, k, v, mask, masks.causal and mask is None, self.scale, self.softcap)
+        out = masks.attend(q, k, v, self.sliding, self.scale, self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -269,7 +282,7 @@ def build_masks(
     given_positions: bool = True,
     padded: bool | None = None,
 ) -> AttentionMasks:
-    """Boolean masks for this forward, or None where plain causal attention (the fast path) is exact.
+    """Boolean masks [B, 1, Tq, Tk] for a KV-cache forward, or None where plain causal attention (the fast path) is exact.
 
     Packed sequences are recognised by position ids that restart at 0; padding by zeros in attention_mask (or by
     `padded`, when the caller knows, saving a host sync); sliding layers need a mask only when the sequence is longer
@@ -298,6 +311,29 @@ def build_masks(
     if cfg.sliding_window:
         sliding = (base & (qi - ki < cfg.sliding_window)) | diag if window else full
     return AttentionMasks(full.expand(position_ids.shape[0], -1, -1, -1), sliding, causal=False)
+
+
+def document_masks(
+    cfg: ModelConfig, position_ids: torch.Tensor, attention_mask: torch.Tensor | None, given_positions: bool = True
+) -> AttentionMasks:
+    """Masks of a full-sequence forward (no KV cache) as document ids, never a [T x T] tensor.
+
+    A document starts where position ids restart at 0 (packing) and where attention_mask switches between padding
+    and tokens, so left or right padding is a document of its own that real tokens never see (padding inside a
+    row would split the row there). One host sync tells whether any row holds more than one document.
+    """
+    b, t = position_ids.shape
+    window = cfg.sliding_window if cfg.sliding_window and t > cfg.sliding_window else None
+    starts = (position_ids == 0) if given_positions else None  # [B, T]
+    if attention_mask is not None:
+        m = attention_mask.bool()
+        edge = torch.zeros_like(m)
+        edge[:, 1:] = m[:, 1:] != m[:, :-1]
+        starts = edge if starts is None else starts | edge
+    docs = None
+    if starts is not None and t > 1 and bool(starts[:, 1:].any()):
+        docs = Documents(torch.cumsum(starts, dim=1, dtype=torch.int32), b, t)  # [B, T]
+    return AttentionMasks(None, None, causal=t > 1, documents=docs, window=window)
 
 
 def shifted_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -364,6 +400,8 @@ class CausalLM(nn.Module):
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
         if isinstance(cache, StaticKVCache):
             masks = cache.masks(self.config, position_ids, t)
+        elif cache is None:
+            masks = document_masks(self.config, position_ids, attention_mask, given_positions)
         else:
             masks = build_masks(self.config, position_ids, attention_mask, t, past + t, given_positions)
         tables: dict = {}
