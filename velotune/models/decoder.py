@@ -18,7 +18,7 @@ from velotune.kernels.glu import GATED_ACTIVATIONS
 from velotune.kernels.lora import lora_mlp, project_for_backward
 from velotune.kernels.rms_norm import rms_norm
 from velotune.kernels.rope import apply_rope
-from velotune.models.checkpointing import checkpointed_layers, run_layer
+from velotune.models.checkpointing import checkpointed_layers, run_layer, run_tiled
 from velotune.models.config import ModelConfig
 from velotune.models.rope import attention_factor, rope_buffer_name, rope_buffers, rope_tables
 from velotune.quant.nf4 import FrozenQuantLinear
@@ -195,12 +195,17 @@ class MLP(nn.Module):
         self.act = GATED_ACTIVATIONS[cfg.activation]
         self.activation = cfg.activation
 
-    def forward(self, x: torch.Tensor, need_output: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, need_output: bool = True, tile: int | None = None) -> torch.Tensor:
         """need_output=False (a checkpointed layer's recomputation, whose output is discarded) keeps only what the
         down projection's backward needs and returns a placeholder of the output's shape.
 
         With LoRA on all three projections (and no dropout) the MLP is one fused Function (kernels.lora.lora_mlp),
-        which keeps x, gate and up for backward instead of also the down projection's input."""
+        which keeps x, gate and up for backward instead of also the down projection's input. With `tile` (tokens)
+        the sequence goes through a tile at a time, forward and backward (checkpointing.run_tiled): [N x I] tensors
+        exist for one tile, x alone is kept, and backward recomputes the MLP."""
+        return run_tiled(self._untiled, x, tile, need_output)
+
+    def _untiled(self, x: torch.Tensor, need_output: bool = True) -> torch.Tensor:
         fused = self._lora_weights(x.dtype)
         if fused is not None:
             return lora_mlp(x, *fused, activation=self.activation, need_output=need_output)
@@ -236,15 +241,17 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         masks: AttentionMasks,
         cache: KVCache | StaticKVCache | None,
+        mlp_tile: int | None = None,
         need_output: bool = True,
     ) -> torch.Tensor:
-        """need_output=False: the output's value is not needed, only its graph (checkpoint recomputation)."""
+        """need_output=False: the output's value is not needed, only its graph (checkpoint recomputation).
+        mlp_tile: tokens per MLP tile (None: the whole sequence at once)."""
         h = self.self_attn(self.input_layernorm(x), rope, masks, cache)
         if self.sandwich:  # the post-feedforward norm's backward needs the real MLP output
             x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), tile=mlp_tile))
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x), need_output)
+        return x + self.mlp(self.post_attention_layernorm(x), need_output, mlp_tile)
 
 
 class DecoderModel(nn.Module):
@@ -336,6 +343,18 @@ def document_masks(
     return AttentionMasks(None, None, causal=t > 1, documents=docs, window=window)
 
 
+MLP_AUTO_TILE = 8192  # tokens per MLP tile under mlp_tile_tokens "auto": [8192 x 14336] bf16 is 224 MiB (Llama-8B)
+
+
+def resolve_mlp_tile(setting: int | str | None, tokens: int) -> int | None:
+    """Tokens per MLP tile for `tokens` tokens under mlp_tile_tokens `setting` (an int, "auto" or None)."""
+    if setting == "auto":
+        return MLP_AUTO_TILE if tokens >= 2 * MLP_AUTO_TILE else None
+    if setting is None or tokens <= setting:
+        return None
+    return int(setting)
+
+
 def shifted_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token targets [B, T-1] for labels [B, T]; a token starting a packed example (position 0) is no target."""
     targets = labels[:, 1:]
@@ -361,6 +380,7 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing: bool | str = False  # False | True (recompute) | "offload" (+ inputs on host)
         self.checkpoint_layers = 1.0  # fraction of layers checkpointed (spread evenly); the rest keep activations
+        self.mlp_tile_tokens: int | str | None = "auto"  # MLP tile (tokens), None: untiled; see mlp_tile()
         for name, inv_freq in rope_buffers(cfg).items():  # inv_freq (+ inv_freq_local, inv_freq_long)
             self.register_buffer(name, inv_freq, persistent=False)
         self.rope_scale = {local: attention_factor(cfg, local) for local in (False, True)}  # yarn/longrope
@@ -370,6 +390,11 @@ class CausalLM(nn.Module):
         """The activation-checkpointing policy in force: None, "checkpoint" or "offload"."""
         gc = self.gradient_checkpointing
         return None if not gc else "offload" if gc == "offload" else "checkpoint"
+
+    def mlp_tile(self, tokens: int) -> int | None:
+        """Tokens per MLP tile for a forward of `tokens` tokens: mlp_tile_tokens, or for "auto" MLP_AUTO_TILE when
+        the forward holds at least two tiles (long sequences); None when the MLP runs untiled."""
+        return resolve_mlp_tile(self.mlp_tile_tokens, tokens)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -408,10 +433,13 @@ class CausalLM(nn.Module):
         mode = self.checkpoint_mode if self.training and torch.is_grad_enabled() else None
         which = checkpointed_layers(len(self.model.layers), self.checkpoint_layers) if mode else []
         first = True
+        tile = self.mlp_tile(b * t)
         for i, layer in enumerate(self.model.layers):
             rope = self._rope(position_ids, x.dtype, layer, tables)
             layer_mode = mode if mode and which[i] else None
-            x = run_layer(layer, x, rope, masks, cache, mode=layer_mode, slot=i, first=first and bool(layer_mode))
+            x = run_layer(
+                layer, x, rope, masks, cache, tile, mode=layer_mode, slot=i, first=first and bool(layer_mode)
+            )
             first = first and not layer_mode
         return self.model.norm(x)
 
