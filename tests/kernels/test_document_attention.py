@@ -49,7 +49,7 @@ def _check(fn, docs, window, softcap, device, rtol=1e-5, atol=1e-5):
     ref = attention_reference(q_, k_, v_, _dense(docs, window), False, 0.25, softcap)
     ref_grads = torch.autograd.grad(ref, (q_, k_, v_), dout)
     for name, ours, theirs in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("window", [None, 5, 16])

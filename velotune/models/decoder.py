@@ -289,7 +289,8 @@ def build_masks(
     given_positions: bool = True,
     padded: bool | None = None,
 ) -> AttentionMasks:
-    """Boolean masks [B, 1, Tq, Tk] for a KV-cache forward, or None where plain causal attention (the fast path) is exact.
+    """Boolean masks [B, 1, Tq, Tk] for a KV-cache forward, or None where plain causal attention (the fast path) is
+    exact (full-sequence forwards take document_masks).
 
     Packed sequences are recognised by position ids that restart at 0; padding by zeros in attention_mask (or by
     `padded`, when the caller knows, saving a host sync); sliding layers need a mask only when the sequence is longer
@@ -437,9 +438,7 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             rope = self._rope(position_ids, x.dtype, layer, tables)
             layer_mode = mode if mode and which[i] else None
-            x = run_layer(
-                layer, x, rope, masks, cache, tile, mode=layer_mode, slot=i, first=first and bool(layer_mode)
-            )
+            x = run_layer(layer, x, rope, masks, cache, tile, mode=layer_mode, slot=i, first=first and bool(layer_mode))
             first = first and not layer_mode
         return self.model.norm(x)
 
