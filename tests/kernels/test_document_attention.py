@@ -54,9 +54,12 @@ def _check(fn, docs, window, softcap, device, rtol=1e-5, atol=1e-5):
 
 @pytest.mark.parametrize("window", [None, 5, 16])
 @pytest.mark.parametrize("softcap", [None, 2.0])
-@pytest.mark.parametrize("rows", [ROWS, [ROWS[0]] * 2], ids=["rows-differ", "rows-share-bounds"])
-def test_split_equals_dense_reference(window, softcap, rows):
-    _check(document_attention_split, _documents(rows, "cpu"), window, softcap, "cpu")
+def test_split_equals_dense_reference(window, softcap):
+    _check(document_attention_split, _documents(ROWS, "cpu"), window, softcap, "cpu")
+
+
+def test_rows_sharing_boundaries_run_together():
+    _check(document_attention_split, _documents([ROWS[0]] * 2, "cpu"), 5, 2.0, "cpu")
 
 
 def test_cpu_dispatch_is_the_split_and_reads_bounds_once():
@@ -70,6 +73,18 @@ def test_one_document_per_row_is_plain_causal():
     out = document_attention(q, k, v, None, None, 0.25)
     ref = attention_reference(q, k, v, None, True, 0.25)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(flex_attention is None, reason="needs torch >= 2.5 (FlexAttention)")
+@pytest.mark.parametrize(("rows", "window", "softcap"), [(ROWS, 5, 2.0), (None, None, None)], ids=["packed", "causal"])
+def test_flex_block_mask_logic_on_cpu(rows, window, softcap):
+    """The CUDA path's block mask and score_mod, run eagerly on CPU (forward only: no CPU backward in FlexAttention)."""
+    docs = _documents(rows or [[0, 37]] * 3, "cpu")
+    q, k, v = (x.detach() for x in _inputs(3, 37, "cpu"))
+    out = flex_document_attention(q, k, v, docs if rows else None, window, 0.25, softcap, compiled=False)
+    ref = attention_reference(q, k, v, _dense(docs, window), False, 0.25, softcap)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert rows is None or list(docs.block_masks) == [window]  # built once per forward, kept for the other layers
 
 
 @pytest.mark.gpu

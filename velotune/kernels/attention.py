@@ -305,9 +305,11 @@ def softcap_attention_flex(
     return out[:, :, :tq] if pq != tq else out
 
 
-def _run_flex(q, k, v, bm, scale: float, score_mod) -> torch.Tensor:
+def _run_flex(q, k, v, bm, scale: float, score_mod, compiled: bool = True) -> torch.Tensor:
     """The compiled FlexAttention call on length-padded q/k/v (recompile limit raised, tiles from the table)."""
     gqa = q.shape[1] != k.shape[1]
+    if not compiled:
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa)
     options = flex_kernel_options(q.shape[-1], q.device, q.dtype)
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # < 2.6
     with torch._dynamo.config.patch({limit: FLEX_RECOMPILE_LIMIT}):
@@ -316,7 +318,9 @@ def _run_flex(q, k, v, bm, scale: float, score_mod) -> torch.Tensor:
         )
 
 
-def _document_block_mask(docs: Documents | None, window: int | None, b: int, t: int, p: int, device):
+def _document_block_mask(
+    docs: Documents | None, window: int | None, b: int, t: int, p: int, device, compiled: bool = True
+):
     """FlexAttention block mask over length p (>= t) for documents and a window: a query sees earlier keys of its
     own document within the window. Padded positions are a document of their own (id -1). Built from the ids, so no
     [T x T] tensor exists; kept on `docs` for the other layers of this forward."""
@@ -331,7 +335,7 @@ def _document_block_mask(docs: Documents | None, window: int | None, b: int, t: 
         row = bi if per_row else 0
         return (ids[row, qi] == ids[row, ki]) & (ki <= qi) & (qi - ki < w)
 
-    bm = create_block_mask(mask_mod, b if per_row else None, None, p, p, device=device, _compile=True)
+    bm = create_block_mask(mask_mod, b if per_row else None, None, p, p, device=device, _compile=compiled)
     if docs is not None:
         docs.block_masks[window] = bm
     return bm
@@ -345,12 +349,14 @@ def flex_document_attention(
     window: int | None,
     scale: float,
     softcap: float | None = None,
+    compiled: bool = True,
 ) -> torch.Tensor:
     """document_attention in FlexAttention (CUDA): one call, a block mask from the document ids, the soft-cap as
-    score_mod. Lengths are zero-padded to a multiple of FLEX_LENGTH_MULTIPLE (one compiled kernel per bucket)."""
+    score_mod. Lengths are zero-padded to a multiple of FLEX_LENGTH_MULTIPLE (one compiled kernel per bucket).
+    compiled=False runs FlexAttention eagerly, which materialises the scores: a CPU check of the masks, forward only."""
     t = q.shape[2]
     p = -(-t // FLEX_LENGTH_MULTIPLE) * FLEX_LENGTH_MULTIPLE
-    bm = _document_block_mask(docs, window, q.shape[0], t, p, q.device)
+    bm = _document_block_mask(docs, window, q.shape[0], t, p, q.device, compiled)
     if p != t:
         q, k, v = (F.pad(x, (0, 0, 0, p - t)) for x in (q, k, v))
     score_mod = None
@@ -360,5 +366,5 @@ def flex_document_attention(
         def score_mod(score, bi, h, qi, ki):
             return cap * torch.tanh(score / cap)
 
-    out = _run_flex(q, k, v, bm, scale, score_mod)
+    out = _run_flex(q, k, v, bm, scale, score_mod, compiled)
     return out[:, :, :t] if p != t else out
