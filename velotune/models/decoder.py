@@ -142,7 +142,8 @@ class AttentionMasks:
     ) -> torch.Tensor:
         """Attention of q [B, Hq, Tq, D] over k/v [B, Hk, Tk, D] for a global (sliding=False) or sliding layer."""
         window = self.window if sliding else None
-        if self.documents is not None or window is not None:
+        packed = self.documents is not None and self.documents.ids is not None
+        if packed or window is not None:
             return document_attention(q, k, v, self.documents, window, scale, softcap)
         mask = self.sliding if sliding else self.full
         return attention(q, k, v, mask, self.causal and mask is None, scale, softcap)
@@ -338,7 +339,7 @@ def document_masks(
         edge = torch.zeros_like(m)
         edge[:, 1:] = m[:, 1:] != m[:, :-1]
         starts = edge if starts is None else starts | edge
-    docs = None
+    docs = Documents(None, b, t) if window else None  # one document per row: holds the windowed block mask
     if starts is not None and t > 1 and bool(starts[:, 1:].any()):
         docs = Documents(torch.cumsum(starts, dim=1, dtype=torch.int32), b, t)  # [B, T]
     return AttentionMasks(None, None, causal=t > 1, documents=docs, window=window)
