@@ -79,14 +79,20 @@ class _LargestAllocation(TorchDispatchMode):
         return out
 
 
-def test_two_document_row_never_allocates_t_by_t():
-    from transformers import LlamaForCausalLM
+@pytest.mark.parametrize("window", [None, 256], ids=["llama", "mistral-window"])
+def test_two_document_row_never_allocates_t_by_t(window):
+    from transformers import LlamaForCausalLM, MistralForCausalLM
 
     t = 2048
     torch.manual_seed(0)
-    cfg = tiny_llama_config(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1)
-    cfg.num_hidden_layers = 1
-    model = velotune_from_hf(LlamaForCausalLM(cfg)).train()
+    dims = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1)
+    cfg = tiny_llama_config(**dims, num_hidden_layers=1, max_position_embeddings=t)
+    if window:
+        from transformers import MistralConfig
+
+        cfg = MistralConfig(**cfg.to_dict() | {"model_type": "mistral", "sliding_window": window})
+    model = velotune_from_hf((MistralForCausalLM if window else LlamaForCausalLM)(cfg)).train()
+    assert model.config.sliding_window == window  # documents of 1024 cross the window: query blocks of 256
     ids = torch.randint(0, 128, (1, t))
     position_ids = torch.cat([torch.arange(t // 2), torch.arange(t - t // 2)])[None]  # two documents
     with _LargestAllocation() as seen:
@@ -95,3 +101,19 @@ def test_two_document_row_never_allocates_t_by_t():
     with _LargestAllocation() as dense:  # the detector sees the boolean mask a KV-cache forward would build
         build_masks(model.config, position_ids, None, t, t)
     assert dense.numel >= t * t
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral", "gemma2"])
+def test_left_padding_is_a_document_real_tokens_never_see(case):
+    """A left-padded row (GRPO-style scoring) gives its real tokens the logits they have alone."""
+    model = _model(case)
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=position_ids).logits
+        alone = model(ids[1:, 9:]).logits
+        first = model(ids[:1]).logits
+    torch.testing.assert_close(out[1, 9:], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0], first[0], rtol=1e-5, atol=1e-5)
