@@ -99,3 +99,15 @@ def test_auto_tiles_long_sequences_only():
     assert resolve_mlp_tile("auto", 2 * MLP_AUTO_TILE) == MLP_AUTO_TILE
     assert resolve_mlp_tile(None, 10**6) is None
     assert resolve_mlp_tile(4096, 4096) is None and resolve_mlp_tile(4096, 4097) == 4096
+
+
+def test_tiled_inference_equals_untiled():
+    """Without gradients (a long prefill) tiles only bound the intermediates: same logits."""
+    model = _llama().eval()
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.mlp_tile_tokens = None
+        want = model(ids).logits
+        model.mlp_tile_tokens = 5
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
