@@ -1,6 +1,7 @@
 """`velotune plan CONFIG [--gpu NAME|SIZE] [--key value ...]`: predicted peak GPU memory of a run, whether it fits,
 and the fastest setting that does. CONFIG is a training YAML file, a model directory or a .gguf file; only the
-model's config.json / GGUF metadata is read, never its weights."""
+model's config.json / GGUF metadata is read, never its weights. `--max_seq_length auto` answers instead: the longest
+sequence that fits each GPU with the rest of the config."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def add_parser(sub: Any) -> None:
         "are loaded), say whether it fits the GPU, and recommend the fastest micro-batch, accumulation, "
         "checkpointing and 4-bit setting that does. Config keys can be overridden with --key value.",
     )
-    p.usage = "velotune plan CONFIG [--gpu NAME|SIZE] [--key value ...]"
+    p.usage = "velotune plan CONFIG [--gpu NAME|SIZE] [--max_seq_length auto] [--key value ...]"
     p.add_argument(
         "--gpu",
         default=None,
@@ -109,9 +110,19 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     gpus = _gpus(args.gpu)  # a bad --gpu is reported before anything is read or printed
     config = extra.pop(0) if extra and not extra[0].startswith("--") else None
-    cfg = run_config_from_dict(_values(config, extra), source=config or "command line")
+    values = _values(config, extra)
+    auto_length = values.get("max_seq_length") == "auto"
+    if auto_length:
+        values["max_seq_length"] = 2048  # searched below
+    cfg = run_config_from_dict(values, source=config or "command line")
     model, where = read_model_config(cfg.train.model_name_or_path)
     setting = setting_for(cfg, model)
+    if auto_length:
+        print(f"model {where}: {model.model_type}, {count_parameters(model) / 1e9:.2f} B parameters")
+        for name, capacity in gpus:
+            print(longest_line(model, setting, name, capacity))
+        return 0
+
     effective = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
     est = estimate(model, setting)
     print(f"model {where}: {model.model_type}, {count_parameters(model) / 1e9:.2f} B parameters")
@@ -134,3 +145,29 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         else:
             print(f"{head}\n  fastest that fits: {best.describe()}\n  as options: {best.overrides()}")
     return 0
+
+
+def longest_line(model: Any, setting: Any, name: str, capacity: int) -> str:
+    """What `--max_seq_length auto` prints for one GPU: the longest length that fits and its predicted peak, the
+    model's trained context when that is shorter, and what offloaded checkpoints (+ 4-bit LoRA) would reach."""
+    from dataclasses import replace
+
+    from velotune.train.memory import GiB, estimate, longest_seq_len
+
+    n = longest_seq_len(model, setting, capacity)
+    head = f"{name} ({capacity / GiB:.0f} GiB):"
+    if n == 0:
+        line = f"{head} not even 1024 tokens fit with micro-batch {setting.micro_batch}"
+    else:
+        peak = estimate(model, replace(setting, seq_len=n)).total
+        line = f"{head} longest max_seq_length that fits: {n} tokens (predicted peak {peak / GiB:.1f} GiB)"
+        if n > model.max_position_embeddings:
+            line += f"; the model was trained to {model.max_position_embeddings}"
+    lean = replace(setting, checkpointing="offload", checkpoint_layers=1.0)
+    if setting.finetuning == "lora" and setting.quantization is None:
+        lean = replace(lean, quantization="nf4")
+    far = longest_seq_len(model, lean, capacity) if lean != setting else 0
+    if far > n:
+        extra = " --load_in_4bit true" if lean.quantization != setting.quantization else ""
+        line += f"\n  with --gradient_checkpointing offload{extra}: {far} tokens"
+    return line

@@ -5,6 +5,15 @@ Causal attention without a mask goes to PyTorch SDPA's fused kernels (FlashAtten
 is not expressible in SDPA: on CUDA it runs in PyTorch's FlexAttention (a compiled Triton flash kernel whose
 score_mod applies the cap, block mask for causality, windows and padding); elsewhere, and when FlexAttention is
 unavailable, it takes the explicit reference path, which holds [B, H, Tq, Tk] fp32 scores.
+
+A full-sequence forward (training, scoring) never builds a [T x T] mask: `document_attention` takes the packed
+documents of each row as a [B, T] document-id tensor (`Documents`) and an optional sliding window. On CUDA it is
+one FlexAttention call whose block mask is computed from the ids (document, causality, window) and whose score_mod
+applies the soft-cap; elsewhere (CPU, or a torch without FlexAttention) each document runs alone through
+`attention` (SDPA causal, or the soft-capped reference) and the outputs are concatenated, sliding windows in
+query blocks of one window (keys: the block and the window before it). Both are exact; memory is linear in T for
+a fixed document length (the CPU soft-cap reference holds one document's [n x n] scores). Masks for KV-cache
+steps (generation) stay boolean tensors [B, 1, Tq, Tk].
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +98,98 @@ def attention(
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
+@dataclass
+class Documents:
+    """The packed documents of a [B, T] batch: `ids` [B, T] int32 numbers each token's document within its row
+    (tokens attend only within their document), or None for one document per row. Row boundaries are read from the
+    device once, when the per-document path needs them; FlexAttention's block masks are built once per forward."""
+
+    ids: torch.Tensor | None
+    batch: int
+    length: int
+    block_masks: dict = field(default_factory=dict)  # window -> FlexAttention BlockMask, for this forward
+
+    @functools.cached_property
+    def bounds(self) -> list[list[int]]:
+        """Per row: where each document starts, then T."""
+        if self.ids is None:
+            return [[0, self.length]] * self.batch
+        starts = torch.ones_like(self.ids, dtype=torch.bool)  # [B, T]
+        starts[:, 1:] = self.ids[:, 1:] != self.ids[:, :-1]
+        rows: list[list[int]] = [[] for _ in range(self.batch)]
+        for b, t in starts.nonzero().tolist():  # one host sync
+            rows[b].append(t)
+        return [row + [self.length] for row in rows]
+
+
+def _window_span(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float, softcap: float | None
+) -> torch.Tensor:
+    """Causal sliding-window attention of one document, q/k/v [B, H, n, D], in query blocks of `window` tokens:
+    each block sees its own keys and the window - 1 before it, so masks are [window, 2 window - 1]."""
+    n, dev = q.shape[2], q.device
+    blocks = []
+    for s in range(0, n, window):
+        e, lo = min(n, s + window), max(0, s - window + 1)
+        qi = torch.arange(s, e, device=dev)[:, None]  # [Tq, 1]
+        ki = torch.arange(lo, e, device=dev)[None, :]  # [1, Tk]
+        mask = (ki <= qi) & (qi - ki < window)  # [Tq, Tk], broadcast over batch and heads
+        blocks.append(attention(q[:, :, s:e], k[:, :, lo:e], v[:, :, lo:e], mask, False, scale, softcap))
+    return torch.cat(blocks, dim=2)
+
+
+def _document_span(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float, softcap: float | None
+) -> torch.Tensor:
+    """One document alone: plain causal attention, or windowed when it is longer than the window."""
+    if window is not None and q.shape[2] > window:
+        return _window_span(q, k, v, window, scale, softcap)
+    return attention(q, k, v, None, True, scale, softcap)
+
+
+def document_attention_split(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    docs: Documents | None,
+    window: int | None,
+    scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Document-masked causal attention by running each document alone (the CPU path): q [B, Hq, T, D], k/v
+    [B, Hk, T, D] -> [B, Hq, T, D]. Rows sharing their boundaries (an unpacked batch) run together."""
+    b, t = q.shape[0], q.shape[2]
+    bounds = docs.bounds if docs is not None else [[0, t]] * b
+    same = all(row == bounds[0] for row in bounds)
+    groups = [(slice(None), bounds[0])] if same else [(slice(i, i + 1), row) for i, row in enumerate(bounds)]
+    rows = []
+    for sel, starts in groups:
+        qs, ks, vs = q[sel], k[sel], v[sel]
+        pieces = [
+            _document_span(qs[:, :, s:e], ks[:, :, s:e], vs[:, :, s:e], window, scale, softcap)
+            for s, e in zip(starts, starts[1:], strict=False)
+        ]
+        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
+def document_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    docs: Documents | None,
+    window: int | None,
+    scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of a full sequence (no KV cache) within packed documents and an optional sliding window,
+    never forming a [T x T] mask: FlexAttention on CUDA, each document alone elsewhere. q [B, Hq, T, D], k/v
+    [B, Hk, T, D]; docs None is one document per row."""
+    if q.is_cuda and flex_attention is not None:
+        return flex_document_attention(q, k, v, docs, window, scale, softcap)
+    return document_attention_split(q, k, v, docs, window, scale, softcap)
 
 
 FLEX_MODE_ENV = "VELOTUNE_FLEX_MODE"  # torch.compile mode for FlexAttention, e.g. max-autotune-no-cudagraphs
@@ -199,11 +301,70 @@ def softcap_attention_flex(
         q = F.pad(q, (0, 0, 0, pq - tq))
     if pk != tk:
         k, v = F.pad(k, (0, 0, 0, pk - tk)), F.pad(v, (0, 0, 0, pk - tk))
+    out = _run_flex(q, k, v, bm, scale, score_mod)
+    return out[:, :, :tq] if pq != tq else out
+
+
+def _run_flex(q, k, v, bm, scale: float, score_mod, compiled: bool = True) -> torch.Tensor:
+    """The compiled FlexAttention call on length-padded q/k/v (recompile limit raised, tiles from the table)."""
     gqa = q.shape[1] != k.shape[1]
+    if not compiled:
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa)
     options = flex_kernel_options(q.shape[-1], q.device, q.dtype)
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # < 2.6
     with torch._dynamo.config.patch({limit: FLEX_RECOMPILE_LIMIT}):
-        out = _compiled_flex()(
+        return _compiled_flex()(
             q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=options
         )
-    return out[:, :, :tq] if pq != tq else out
+
+
+def _document_block_mask(
+    docs: Documents | None, window: int | None, b: int, t: int, p: int, device, compiled: bool = True
+):
+    """FlexAttention block mask over length p (>= t) for documents and a window: a query sees earlier keys of its
+    own document within the window. Padded positions are a document of their own (id -1). Built from the ids, so no
+    [T x T] tensor exists; kept on `docs` for the other layers of this forward."""
+    if docs is not None and window in docs.block_masks:
+        return docs.block_masks[window]
+    ids = torch.full((1 if docs is None or docs.ids is None else b, p), -1, dtype=torch.int32, device=device)
+    ids[:, :t] = 0 if docs is None or docs.ids is None else docs.ids  # [B or 1, P]
+    per_row = ids.shape[0] > 1
+    w = window or p
+
+    def mask_mod(bi, h, qi, ki):
+        row = bi if per_row else 0
+        return (ids[row, qi] == ids[row, ki]) & (ki <= qi) & (qi - ki < w)
+
+    bm = create_block_mask(mask_mod, b if per_row else None, None, p, p, device=device, _compile=compiled)
+    if docs is not None:
+        docs.block_masks[window] = bm
+    return bm
+
+
+def flex_document_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    docs: Documents | None,
+    window: int | None,
+    scale: float,
+    softcap: float | None = None,
+    compiled: bool = True,
+) -> torch.Tensor:
+    """document_attention in FlexAttention (CUDA): one call, a block mask from the document ids, the soft-cap as
+    score_mod. Lengths are zero-padded to a multiple of FLEX_LENGTH_MULTIPLE (one compiled kernel per bucket).
+    compiled=False runs FlexAttention eagerly, which materialises the scores: a CPU check of the masks, forward only."""
+    t = q.shape[2]
+    p = -(-t // FLEX_LENGTH_MULTIPLE) * FLEX_LENGTH_MULTIPLE
+    bm = _document_block_mask(docs, window, q.shape[0], t, p, q.device, compiled)
+    if p != t:
+        q, k, v = (F.pad(x, (0, 0, 0, p - t)) for x in (q, k, v))
+    score_mod = None
+    if softcap is not None:
+        cap = float(softcap)
+
+        def score_mod(score, bi, h, qi, ki):
+            return cap * torch.tanh(score / cap)
+
+    out = _run_flex(q, k, v, bm, scale, score_mod, compiled)
+    return out[:, :, :t] if p != t else out

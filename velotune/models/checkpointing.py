@@ -8,6 +8,11 @@ Offload mode copies each layer's input to a pinned host buffer on a side CUDA st
 overlaps the compute stream's matmuls; backward prefetches the input of the layer below while the current one
 runs. GPU memory for saved activations drops from layers x tokens x hidden to about two layers' worth.
 The random state is saved and restored around the recomputation when the layer has active dropout.
+
+Tiling (`run_tiled`, used by the MLP on long sequences) applies a token-wise function to the sequence a tile of
+tokens at a time: forward keeps only the input, backward recomputes and differentiates one tile at a time, so the
+function's [tile x intermediate] tensors exist for one tile only. Inside a checkpointed layer's recomputation
+(need_output=False) its forward computes nothing: the backward recomputes anyway.
 """
 
 from __future__ import annotations
@@ -158,3 +163,50 @@ def checkpointed_layers(num_layers: int, fraction: float) -> list[bool]:
     activations: faster backward, more memory)."""
     k = round(min(max(fraction, 0.0), 1.0) * num_layers)
     return [(i + 1) * k // num_layers > i * k // num_layers for i in range(num_layers)]
+
+
+class _Tiled(torch.autograd.Function):
+    """fn over x [..., H] in tiles of `tile` tokens; saves x alone; backward recomputes tile by tile, the weights'
+    gradients accumulating through fn's own graph (as in _RecomputedLayer)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, fn: Callable, tile: int, need_output: bool, anchor: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.fn, ctx.tile = fn, tile
+        ctx.save_for_backward(x)
+        ctx.rng = None
+        if _has_dropout(fn):
+            ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
+        ctx.device = x.device
+        if not need_output:
+            return torch.empty_like(x)
+        x2 = x.reshape(-1, x.shape[-1])  # [N, H]
+        with torch.no_grad():
+            out = torch.cat([fn(x2[s : s + tile]) for s in range(0, x2.shape[0], tile)])  # [N, H']
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        (x,) = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[4]
+        x2, dy2 = x.detach().reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])  # [N, H], [N, H']
+        dx = torch.empty_like(x2) if need_x else None
+        with torch.enable_grad(), _rng_restored(ctx.rng, ctx.device):
+            for s in range(0, x2.shape[0], ctx.tile):
+                xt = x2[s : s + ctx.tile].requires_grad_(need_x)  # a view: its own leaf
+                out = ctx.fn(xt, need_output=False)  # only the graph is needed
+                if out.requires_grad:
+                    torch.autograd.backward(out, dy2[s : s + ctx.tile])
+                if need_x:
+                    dx[s : s + ctx.tile] = xt.grad
+        return None, None, None, None, dx.view(x.shape) if need_x else None
+
+
+def run_tiled(fn: Callable, x: torch.Tensor, tile: int | None, need_output: bool = True) -> torch.Tensor:
+    """fn(x) for a token-wise fn (each token's output depends on that token alone) over x [..., H], a tile of `tile`
+    tokens at a time in forward and backward; fn must accept need_output=False. tile None, or no more tokens than
+    one tile, is the plain call."""
+    if tile is None or x.numel() // x.shape[-1] <= tile:
+        return fn(x, need_output=need_output)
+    return _Tiled.apply(fn, tile, need_output, _GRAD_ANCHOR, x)

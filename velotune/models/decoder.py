@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from velotune.kernels.attention import attention
+from velotune.kernels.attention import Documents, attention, document_attention
 from velotune.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy, linear_token_logps
 from velotune.kernels.glu import GATED_ACTIVATIONS
 from velotune.kernels.lora import lora_mlp, project_for_backward
 from velotune.kernels.rms_norm import rms_norm
 from velotune.kernels.rope import apply_rope
-from velotune.models.checkpointing import checkpointed_layers, run_layer
+from velotune.models.checkpointing import checkpointed_layers, run_layer, run_tiled
 from velotune.models.config import ModelConfig
 from velotune.models.rope import attention_factor, rope_buffer_name, rope_buffers, rope_tables
 from velotune.quant.nf4 import FrozenQuantLinear
@@ -127,11 +127,26 @@ class StaticKVCache:
 
 @dataclass
 class AttentionMasks:
-    """Per-forward masks: `full` for global layers, `sliding` for sliding-window layers (None = plain causal)."""
+    """Per-forward masks. A full-sequence forward carries `documents` (packed documents / padding segments, None =
+    one per row) and the sliding `window` and never a [T x T] tensor; KV-cache steps carry boolean `full` for
+    global layers and `sliding` for sliding-window layers ([B, 1, Tq, Tk], None = plain causal)."""
 
     full: torch.Tensor | None
     sliding: torch.Tensor | None
     causal: bool
+    documents: Documents | None = None
+    window: int | None = None
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding: bool, scale: float, softcap: float | None
+    ) -> torch.Tensor:
+        """Attention of q [B, Hq, Tq, D] over k/v [B, Hk, Tk, D] for a global (sliding=False) or sliding layer."""
+        window = self.window if sliding else None
+        packed = self.documents is not None and self.documents.ids is not None
+        if packed or window is not None:
+            return document_attention(q, k, v, self.documents, window, scale, softcap)
+        mask = self.sliding if sliding else self.full
+        return attention(q, k, v, mask, self.causal and mask is None, scale, softcap)
 
 
 class Attention(nn.Module):
@@ -167,8 +182,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        mask = masks.sliding if self.sliding else masks.full
-        out = attention(q, k, v, mask, masks.causal and mask is None, self.scale, self.softcap)
+        out = masks.attend(q, k, v, self.sliding, self.scale, self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -182,12 +196,17 @@ class MLP(nn.Module):
         self.act = GATED_ACTIVATIONS[cfg.activation]
         self.activation = cfg.activation
 
-    def forward(self, x: torch.Tensor, need_output: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, need_output: bool = True, tile: int | None = None) -> torch.Tensor:
         """need_output=False (a checkpointed layer's recomputation, whose output is discarded) keeps only what the
         down projection's backward needs and returns a placeholder of the output's shape.
 
         With LoRA on all three projections (and no dropout) the MLP is one fused Function (kernels.lora.lora_mlp),
-        which keeps x, gate and up for backward instead of also the down projection's input."""
+        which keeps x, gate and up for backward instead of also the down projection's input. With `tile` (tokens)
+        the sequence goes through a tile at a time, forward and backward (checkpointing.run_tiled): [N x I] tensors
+        exist for one tile, x alone is kept, and backward recomputes the MLP."""
+        return run_tiled(self._untiled, x, tile, need_output)
+
+    def _untiled(self, x: torch.Tensor, need_output: bool = True) -> torch.Tensor:
         fused = self._lora_weights(x.dtype)
         if fused is not None:
             return lora_mlp(x, *fused, activation=self.activation, need_output=need_output)
@@ -223,15 +242,17 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         masks: AttentionMasks,
         cache: KVCache | StaticKVCache | None,
+        mlp_tile: int | None = None,
         need_output: bool = True,
     ) -> torch.Tensor:
-        """need_output=False: the output's value is not needed, only its graph (checkpoint recomputation)."""
+        """need_output=False: the output's value is not needed, only its graph (checkpoint recomputation).
+        mlp_tile: tokens per MLP tile (None: the whole sequence at once)."""
         h = self.self_attn(self.input_layernorm(x), rope, masks, cache)
         if self.sandwich:  # the post-feedforward norm's backward needs the real MLP output
             x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), tile=mlp_tile))
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x), need_output)
+        return x + self.mlp(self.post_attention_layernorm(x), need_output, mlp_tile)
 
 
 class DecoderModel(nn.Module):
@@ -269,7 +290,8 @@ def build_masks(
     given_positions: bool = True,
     padded: bool | None = None,
 ) -> AttentionMasks:
-    """Boolean masks for this forward, or None where plain causal attention (the fast path) is exact.
+    """Boolean masks [B, 1, Tq, Tk] for a KV-cache forward, or None where plain causal attention (the fast path) is
+    exact (full-sequence forwards take document_masks).
 
     Packed sequences are recognised by position ids that restart at 0; padding by zeros in attention_mask (or by
     `padded`, when the caller knows, saving a host sync); sliding layers need a mask only when the sequence is longer
@@ -300,6 +322,41 @@ def build_masks(
     return AttentionMasks(full.expand(position_ids.shape[0], -1, -1, -1), sliding, causal=False)
 
 
+def document_masks(
+    cfg: ModelConfig, position_ids: torch.Tensor, attention_mask: torch.Tensor | None, given_positions: bool = True
+) -> AttentionMasks:
+    """Masks of a full-sequence forward (no KV cache) as document ids, never a [T x T] tensor.
+
+    A document starts where position ids restart at 0 (packing) and where attention_mask switches between padding
+    and tokens, so left or right padding is a document of its own that real tokens never see (padding inside a
+    row would split the row there). One host sync tells whether any row holds more than one document.
+    """
+    b, t = position_ids.shape
+    window = cfg.sliding_window if cfg.sliding_window and t > cfg.sliding_window else None
+    starts = (position_ids == 0) if given_positions else None  # [B, T]
+    if attention_mask is not None:
+        m = attention_mask.bool()
+        edge = torch.zeros_like(m)
+        edge[:, 1:] = m[:, 1:] != m[:, :-1]
+        starts = edge if starts is None else starts | edge
+    docs = Documents(None, b, t) if window else None  # one document per row: holds the windowed block mask
+    if starts is not None and t > 1 and bool(starts[:, 1:].any()):
+        docs = Documents(torch.cumsum(starts, dim=1, dtype=torch.int32), b, t)  # [B, T]
+    return AttentionMasks(None, None, causal=t > 1, documents=docs, window=window)
+
+
+MLP_AUTO_TILE = 8192  # tokens per MLP tile under mlp_tile_tokens "auto": [8192 x 14336] bf16 is 224 MiB (Llama-8B)
+
+
+def resolve_mlp_tile(setting: int | str | None, tokens: int) -> int | None:
+    """Tokens per MLP tile for `tokens` tokens under mlp_tile_tokens `setting` (an int, "auto" or None)."""
+    if setting == "auto":
+        return MLP_AUTO_TILE if tokens >= 2 * MLP_AUTO_TILE else None
+    if setting is None or tokens <= setting:
+        return None
+    return int(setting)
+
+
 def shifted_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token targets [B, T-1] for labels [B, T]; a token starting a packed example (position 0) is no target."""
     targets = labels[:, 1:]
@@ -325,6 +382,7 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing: bool | str = False  # False | True (recompute) | "offload" (+ inputs on host)
         self.checkpoint_layers = 1.0  # fraction of layers checkpointed (spread evenly); the rest keep activations
+        self.mlp_tile_tokens: int | str | None = "auto"  # MLP tile (tokens), None: untiled; see mlp_tile()
         for name, inv_freq in rope_buffers(cfg).items():  # inv_freq (+ inv_freq_local, inv_freq_long)
             self.register_buffer(name, inv_freq, persistent=False)
         self.rope_scale = {local: attention_factor(cfg, local) for local in (False, True)}  # yarn/longrope
@@ -334,6 +392,11 @@ class CausalLM(nn.Module):
         """The activation-checkpointing policy in force: None, "checkpoint" or "offload"."""
         gc = self.gradient_checkpointing
         return None if not gc else "offload" if gc == "offload" else "checkpoint"
+
+    def mlp_tile(self, tokens: int) -> int | None:
+        """Tokens per MLP tile for a forward of `tokens` tokens: mlp_tile_tokens, or for "auto" MLP_AUTO_TILE when
+        the forward holds at least two tiles (long sequences); None when the MLP runs untiled."""
+        return resolve_mlp_tile(self.mlp_tile_tokens, tokens)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -364,16 +427,19 @@ class CausalLM(nn.Module):
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
         if isinstance(cache, StaticKVCache):
             masks = cache.masks(self.config, position_ids, t)
+        elif cache is None:
+            masks = document_masks(self.config, position_ids, attention_mask, given_positions)
         else:
             masks = build_masks(self.config, position_ids, attention_mask, t, past + t, given_positions)
         tables: dict = {}
         mode = self.checkpoint_mode if self.training and torch.is_grad_enabled() else None
         which = checkpointed_layers(len(self.model.layers), self.checkpoint_layers) if mode else []
         first = True
+        tile = self.mlp_tile(b * t)
         for i, layer in enumerate(self.model.layers):
             rope = self._rope(position_ids, x.dtype, layer, tables)
             layer_mode = mode if mode and which[i] else None
-            x = run_layer(layer, x, rope, masks, cache, mode=layer_mode, slot=i, first=first and bool(layer_mode))
+            x = run_layer(layer, x, rope, masks, cache, tile, mode=layer_mode, slot=i, first=first and bool(layer_mode))
             first = first and not layer_mode
         return self.model.norm(x)
 

@@ -12,16 +12,22 @@ L layers, V vocabulary, and a = bytes per activation value (2 in bf16):
 - saved activations, per token and layer, what our decoder keeps for backward: the layer input, two norm outputs,
   q and k after rope, v, the attention output and its o_proj copy, the mid-layer residual, gate, up and the GLU
   output: 4H + 3 q_dim + 2 kv_dim + 3I values (2I when LoRA on gate, up and down runs as the fused MLP, which
-  rebuilds the GLU output in backward). Without checkpointing all L layers keep them; with recompute only
+  rebuilds the GLU output in backward). A tiled MLP (long sequences, models/decoder.resolve_mlp_tile) keeps only
+  its input, already counted, and holds its intermediate values for one tile of tokens while that tile's backward
+  runs. Without checkpointing all L layers keep them; with recompute only
   each layer's input (T x H) is kept, plus one layer's full set while it is recomputed; with offload the inputs live
   in host memory and only the layer being recomputed is on the GPU;
-- backward working memory of one layer (T x (3I + 2H)); rope tables; with NF4/int8, one linear's weight
+- backward working memory of one layer: the MLP's (tile or T) x 3I, 2H per token for the residual gradients,
+  q_dim + 2 kv_dim per token for the attention's dq, dk, dv; rope tables; with NF4/int8, one linear's weight
   dequantized to 16 bits at a time;
 - the loss: the decoder's chunked cross-entropy keeps one [chunk x V] logits buffer in the activation dtype (the
   gradient is written over it) of at most 512 MiB (kernels.cross_entropy.chunk_tokens), plus
   the final hidden states, their copy for target tokens and their gradient (3 x T x H); training lm_head adds its
   fp32 gradient (V x H x 4);
-- a boolean attention mask and its 16-bit additive form (B x T^2 x 3 bytes) when batches are padded or packed.
+- packed or padded batches: document ids (B x T int32) and, on CUDA, FlexAttention's block mask (four int32
+  tables of B x (T/128)^2); no [T x T] mask is built (models/decoder.document_masks).
+
+`longest_seq_len` searches the sequence length over these predictions (`velotune plan --max_seq_length auto`).
 
 These are estimates, written so each term can be checked against bench/bench_planner.py on a GPU.
 """
@@ -41,6 +47,7 @@ from velotune.errors import ConfigError
 from velotune.kernels.cross_entropy import chunk_tokens
 from velotune.models.checkpointing import checkpointed_layers
 from velotune.models.config import ModelConfig
+from velotune.models.decoder import resolve_mlp_tile
 from velotune.train.config import RunConfig
 
 GiB = 2**30
@@ -82,11 +89,17 @@ class Setting:
     train_layers: int = 0  # partial: top layers trained
     optim: str = "adamw_torch"
     param_bytes: int = 2  # bf16 weights and activations
-    masked: bool = False  # padded or packed batches: attention takes a [B, 1, T, T] mask
+    masked: bool = False  # padded or packed batches: attention takes document ids and a block mask
+    mlp_tile_tokens: int | str | None = "auto"  # CausalLM.mlp_tile_tokens: tokens per MLP tile
 
     @property
     def tokens(self) -> int:
         return self.micro_batch * self.seq_len
+
+    @property
+    def mlp_tokens(self) -> int:
+        """Tokens whose MLP intermediates exist at once: one tile, or the whole micro-batch untiled."""
+        return resolve_mlp_tile(self.mlp_tile_tokens, self.tokens) or self.tokens
 
 
 @dataclass
@@ -176,25 +189,38 @@ def _trained(cfg: ModelConfig, s: Setting) -> tuple[int, int]:
 
 
 def layer_activation_values(cfg: ModelConfig, s: Setting) -> int:
-    """Values per token one decoder layer keeps for backward."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
+    """Values per token one decoder layer keeps for backward (untiled MLP)."""
+    return _attention_activation_values(cfg, s) + _mlp_activation_values(cfg, s)
+
+
+def _attention_activation_values(cfg: ModelConfig, s: Setting) -> int:
+    """Values per token a layer keeps outside the MLP's intermediates (the MLP input among them)."""
+    h = cfg.hidden_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     sandwich = 2 * h if cfg.sandwich_norm else 0
     lora = s.lora_r * len(s.lora_targets) if s.finetuning == "lora" else 0
+    return 4 * h + 3 * q + 2 * kv + sandwich + lora
+
+
+def _mlp_activation_values(cfg: ModelConfig, s: Setting) -> int:
     # LoRA on gate, up and down runs as one fused MLP Function that keeps gate and up and rebuilds the down input
     fused_mlp = s.finetuning == "lora" and {"gate_proj", "up_proj", "down_proj"} <= set(s.lora_targets)
-    return 4 * h + 3 * q + 2 * kv + (2 if fused_mlp else 3) * i + sandwich + lora
+    return (2 if fused_mlp else 3) * cfg.intermediate_size
 
 
 def estimate(cfg: ModelConfig, s: Setting) -> Estimate:
     """Predicted peak allocated GPU memory of one training step, by part."""
     a, t, h = s.param_bytes, s.tokens, cfg.hidden_size
-    layer = t * layer_activation_values(cfg, s) * a
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    tiled = s.mlp_tokens < t  # a tiled MLP keeps its intermediates for one tile, during that tile's backward
+    mlp_saved = 0 if tiled else t * _mlp_activation_values(cfg, s) * a
+    layer = t * _attention_activation_values(cfg, s) * a + mlp_saved
     n_ckpt = sum(checkpointed_layers(cfg.num_layers, s.checkpoint_layers))
     kept = (cfg.num_layers - n_ckpt) * layer  # layers outside checkpointing keep everything
     saved = {None: cfg.num_layers * layer, "checkpoint": n_ckpt * t * h * a + kept, "offload": t * h * a + kept}
     recompute = 0 if s.checkpointing is None else layer
-    working = t * (3 * cfg.intermediate_size + 2 * h) * a + t * cfg.head_dim * a * 2
+    working = s.mlp_tokens * 3 * cfg.intermediate_size * a + t * (2 * h + q + 2 * kv) * a + t * cfg.head_dim * a * 2
+    working += s.mlp_tokens * _mlp_activation_values(cfg, s) * a if tiled else 0
     if s.quantization:
         working += max(x * y for x, y in linear_shapes(cfg).values()) * a
     head_trains = s.finetuning != "lora"
@@ -212,10 +238,41 @@ def estimate(cfg: ModelConfig, s: Setting) -> Estimate:
         "trained parameters and gradients": values,
         f"optimizer states ({s.optim})": states,
         label: saved[s.checkpointing],
-        "attention mask": 3 * s.micro_batch * s.seq_len**2 if s.masked else 0,
+        "attention masks (document ids, block mask)": _document_mask_bytes(s) if s.masked else 0,
         "peak of: loss / layer backward": max(loss, recompute + working),
     }
     return Estimate(s, parts)
+
+
+def _document_mask_bytes(s: Setting) -> int:
+    """Document ids [B, T] int32 and FlexAttention's block mask: 4 tables of [B, 1, T/128, T/128] int32."""
+    blocks = -(-s.seq_len // 128)
+    return 4 * s.tokens + 4 * 4 * s.micro_batch * blocks * blocks
+
+
+def longest_seq_len(cfg: ModelConfig, s: Setting, capacity: int, multiple: int = 1024, limit: int = 2**22) -> int:
+    """The longest sequence (a multiple of `multiple`, at most `limit`) whose predicted peak fits `capacity` bytes
+    with the rest of setting `s`; 0 when not even `multiple` tokens fit. The prediction grows with the length except
+    where the MLP starts tiling, so each side of that switch is searched on its own."""
+    usable, top = usable_bytes(capacity), limit // multiple
+
+    def fits(steps: int) -> bool:
+        return estimate(cfg, replace(s, seq_len=steps * multiple)).total <= usable
+
+    def tiled(steps: int) -> bool:
+        trial = replace(s, seq_len=steps * multiple)
+        return trial.mlp_tokens < trial.tokens
+
+    switch = next((n for n in range(1, top + 1) if tiled(n)), None)
+    ranges = [(1, top)] if switch is None else [(switch, top), (1, switch - 1)]
+    for lo, hi in ranges:
+        if lo > hi or not fits(lo):
+            continue
+        while lo < hi:  # largest n in [lo, hi] that fits, fits(lo) holding
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo * multiple
+    return 0
 
 
 def usable_bytes(capacity: int) -> int:
