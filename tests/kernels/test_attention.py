@@ -94,7 +94,8 @@ def test_flex_softcap_new_lengths_compile_once_per_bucket():
 
 
 def test_flex_kernel_options_env_override(monkeypatch):
-    from velotune.kernels.attention import FLEX_OPTIONS_ENV, flex_kernel_options
+    from velotune.env import FLEX_OPTIONS as FLEX_OPTIONS_ENV
+    from velotune.kernels.attention import flex_kernel_options
 
     assert flex_kernel_options(256, torch.device("cpu")) is None
     monkeypatch.setenv(FLEX_OPTIONS_ENV, '{"BLOCK_M": 64}')

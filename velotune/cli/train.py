@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from velotune import env
 from velotune.errors import ConfigError
 from velotune.train.config import (
     ALIASES,
@@ -35,7 +36,6 @@ from velotune.train.config import (
 )
 
 ACCEPTS_OVERRIDES = True
-FAULTS_ENV = "VELOTUNE_FAULTS"
 # what a run directory holds before the first training step; a run interrupted then leaves nothing behind
 STARTED_ONLY = {"config.yaml", "metrics.jsonl", "status.json", "data_report.txt"}
 
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         return code
     if not launched_by_torchrun():
         check_layout(1, cfg.train.strategy, "cpu", 0)  # refuses fsdp on 1 process before loading anything
-    faults = Faults.parse(os.environ.get(FAULTS_ENV, ""))
+    faults = Faults.parse(env.faults_spec())
     try:
         result = run_training(cfg, progress=not args.no_progress, faults=faults)
     except TrainingInterrupted as stop:
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         return 130
     except Exception as exc:
         if launched_by_torchrun():  # one line naming the rank; torchrun then stops the other processes
-            rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+            rank, world = env.launch_position()
             print(f"velotune: rank {rank} of {world} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         _final_status(Path(cfg.train.output_dir), "failed", error=f"{type(exc).__name__}: {exc}")
         raise

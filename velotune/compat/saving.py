@@ -40,8 +40,8 @@ from velotune.export.modelfile import STYLES, detect_style, write_modelfile
 from velotune.lora.apply import merge_lora
 from velotune.lora.peft_format import save_adapter
 from velotune.models.decoder import CausalLM
+from velotune.models.frozen import FrozenQuantLinear
 from velotune.models.load import load_model
-from velotune.quant.nf4 import FrozenQuantLinear
 
 SAVE_METHODS = ("merged_16bit", "lora")
 GGUF_ALIASES = {"not_quantized": "f16", "fast_quantized": "q8_0", "quantized": "q4_k_m"}

@@ -11,10 +11,10 @@ import json
 import os
 from pathlib import Path
 
+from velotune import env
 from velotune.data.config import DataConfig
 
 DATA_FORMAT_VERSION = 1
-CACHE_ENV = "VELOTUNE_CACHE"  # velotune's cache root; tokenized data goes in its tokenized/ folder
 _BLOCK = 1 << 22
 
 
@@ -22,9 +22,7 @@ def cache_root(cfg: DataConfig) -> Path:
     """data.cache_dir, else $VELOTUNE_CACHE/tokenized, else ~/.cache/velotune/tokenized."""
     if cfg.cache_dir is not None:
         return Path(cfg.cache_dir).expanduser()
-    root = os.environ.get(CACHE_ENV)
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "velotune"
-    return base / "tokenized"
+    return env.cache_home() / "tokenized"
 
 
 def _digest(text: str) -> str:

@@ -19,13 +19,12 @@ steps (generation) stay boolean tensors [B, 1, Tq, Tk].
 from __future__ import annotations
 
 import functools
-import json
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from velotune import env
 from velotune.kernels._triton import reference_notice
 
 try:
@@ -192,9 +191,6 @@ def document_attention(
     return document_attention_split(q, k, v, docs, window, scale, softcap)
 
 
-FLEX_MODE_ENV = "VELOTUNE_FLEX_MODE"  # torch.compile mode for FlexAttention, e.g. max-autotune-no-cudagraphs
-FLEX_OPTIONS_ENV = "VELOTUNE_FLEX_OPTIONS"  # JSON kernel_options for FlexAttention, replacing the table below
-
 # FlexAttention's default tiles for head dim 256 are small (64 x 64 forward, 32/64 backward with 4 warps): on an
 # H100 at Gemma-2-9B's shapes they reach 129 TFLOP/s forward and 88 forward+backward. These tiles, measured with
 # bench/bench_attention.py on 2026-11-23, do better; other head dims keep FlexAttention's own choice.
@@ -217,9 +213,9 @@ _FLEX_TILES = {
 def flex_kernel_options(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict | None:
     """Tile sizes for FlexAttention on this GPU generation and head dim (None: FlexAttention's defaults). The table
     holds 16-bit tiles: fp32 needs twice the shared memory (128 x 64 tiles at head dim 256 do not fit an H100)."""
-    override = os.environ.get(FLEX_OPTIONS_ENV)
-    if override:
-        return json.loads(override)
+    override = env.flex_options()
+    if override is not None:
+        return override
     if dtype not in (torch.bfloat16, torch.float16) or device.type != "cuda":
         return None
     return _FLEX_TILES.get((torch.cuda.get_device_capability(device)[0], head_dim))
@@ -234,8 +230,7 @@ def _compiled_flex():
     # Static lengths: dynamic=None (automatic dynamic) fails to trace FlexAttention's backward when a second length
     # arrives on torch 2.11. Each length bucket compiles once (seconds); dynamo's default limit of 8 recompiles would
     # then fall back to unfused eager attention, so the call raises it (see softcap_attention_flex).
-    mode = os.environ.get(FLEX_MODE_ENV) or None
-    return torch.compile(flex_attention, dynamic=False, mode=mode)
+    return torch.compile(flex_attention, dynamic=False, mode=env.flex_mode())
 
 
 _BLOCK_MASKS: dict = {}

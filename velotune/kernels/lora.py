@@ -157,7 +157,7 @@ def _lora_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [N, out], xl2 A^T [N, r]) for x2, xl2 [N, in]; A, B in x2's dtype. The weight is materialised unless the
     storage has its own matmul (`base_matmul`: FP8, quant/fp8.FP8FrozenWeight) or multiplies few rows without it (a
-    4-bit base's decode-time GEMV, quant/nf4.FrozenWeight)."""
+    4-bit base's decode-time GEMV, models/frozen.FrozenWeight)."""
     xa = xl2 @ a.t()  # [N, r]
     own = getattr(weight, "base_matmul", None) or getattr(weight, "small_matmul", None)
     y = own(x2) if own is not None else None

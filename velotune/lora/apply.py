@@ -13,12 +13,12 @@ from torch import nn
 
 from velotune.errors import ConfigError
 from velotune.lora.layers import LoRALinear
+from velotune.models.decoder import ALL_PROJECTIONS
+from velotune.models.frozen import FrozenQuantLinear
 from velotune.quant.apply import dequantize_model
 from velotune.quant.fp8 import LinearFP8
-from velotune.quant.nf4 import FrozenQuantLinear
 
 log = logging.getLogger("velotune.lora")
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass

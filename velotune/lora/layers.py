@@ -18,7 +18,7 @@ from torch import nn
 
 from velotune.errors import ConfigError
 from velotune.kernels.lora import LoRAWeights, Weight, dora_linear, dora_linear_reference, lora_linear
-from velotune.quant.nf4 import FrozenQuantLinear
+from velotune.models.frozen import FrozenQuantLinear
 
 
 def _row_sq_norm(w: torch.Tensor, rows: int = 4096) -> torch.Tensor:

@@ -20,8 +20,8 @@ from velotune.kernels.rms_norm import rms_norm
 from velotune.kernels.rope import apply_rope
 from velotune.models.checkpointing import checkpointed_layers, run_layer, run_tiled
 from velotune.models.config import ModelConfig
+from velotune.models.frozen import FrozenQuantLinear
 from velotune.models.rope import attention_factor, rope_buffer_name, rope_buffers, rope_tables
-from velotune.quant.nf4 import FrozenQuantLinear
 
 
 class RMSNorm(nn.Module):
@@ -123,6 +123,10 @@ class StaticKVCache:
         full = self.filled[:, : self.attend] & (ki <= self.slot)  # [B, K] written slots up to the query's
         sliding = full & (ki > self.slot - cfg.sliding_window) if cfg.sliding_window else None
         return AttentionMasks(full[:, None, None], None if sliding is None else sliding[:, None, None], causal=False)
+
+
+# The linear layers of every decoder layer, by the names checkpoints, LoRA targets and quantization use.
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass

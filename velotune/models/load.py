@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from velotune import env
 from velotune.errors import ModelLoadError
 from velotune.models.config import ModelConfig
 from velotune.models.decoder import CausalLM
@@ -245,13 +246,9 @@ def _gguf_tokenizer_cache(file: Path) -> Path:
     mtime) and the transformers version that converted it."""
     import transformers
 
-    from velotune.data.cache import CACHE_ENV
-
     st = file.stat()
     stamp = f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
-    root = os.environ.get(CACHE_ENV)
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "velotune"
-    return base / "tokenizers" / hashlib.sha256(stamp.encode()).hexdigest()[:32]
+    return env.cache_home() / "tokenizers" / hashlib.sha256(stamp.encode()).hexdigest()[:32]
 
 
 def load_tokenizer(path: Path, gguf_file: str | None = None, progress: bool = False) -> Any:

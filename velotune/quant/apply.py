@@ -15,9 +15,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from velotune.errors import QuantizationError
+from velotune.models.frozen import FrozenQuantLinear
 from velotune.quant.fp8 import LinearFP8
 from velotune.quant.int8 import Linear8bit
-from velotune.quant.nf4 import FrozenQuantLinear, Linear4bit
+from velotune.quant.nf4 import Linear4bit
 
 QUANTIZERS: dict[str, Callable[[nn.Linear, torch.dtype], FrozenQuantLinear]] = {
     "nf4": Linear4bit.from_linear,

@@ -40,7 +40,7 @@ from velotune.kernels.fp8_matmul import (
     fp8_linear,
     fp8_matmul,
 )
-from velotune.quant.nf4 import FrozenQuantLinear, FrozenWeight
+from velotune.models.frozen import FrozenQuantLinear, FrozenWeight
 
 GRANULARITIES = ("channel", "block")
 DEFAULT_GRANULARITY = "channel"

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from velotune.errors import QuantizationError
-from velotune.quant.nf4 import FrozenQuantLinear
+from velotune.models.frozen import FrozenQuantLinear
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

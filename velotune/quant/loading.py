@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from velotune.errors import QuantizationError
-from velotune.lora.apply import ALL_PROJECTIONS
-from velotune.models.decoder import CausalLM
+from velotune.models.decoder import ALL_PROJECTIONS, CausalLM
 from velotune.models.families import check_dtype
 from velotune.models.load import ModulePlacement, load_model
 from velotune.quant.bnb_load import bnb_4bit_layers, from_bnb_state_dict

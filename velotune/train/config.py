@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from velotune import env
 from velotune.data import DataConfig
 from velotune.data.config import setting
 from velotune.errors import ConfigError
@@ -244,7 +244,7 @@ class TrainConfig:
                     "same prompt, so it needs at least 2 (8 is usual)"
                 )
             rows = self.per_device_train_batch_size * self.gradient_accumulation_steps
-            rows *= int(os.environ.get("WORLD_SIZE", "1"))
+            rows *= env.world_size()
             if rows % self.num_generations:
                 raise ConfigError(
                     f"per_device_train_batch_size x gradient_accumulation_steps x processes = {rows} completions per "

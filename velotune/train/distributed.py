@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from velotune.errors import ConfigError
-from velotune.quant.nf4 import FrozenQuantLinear
+from velotune.models.frozen import FrozenQuantLinear
 
 STRATEGIES = ("auto", "ddp", "fsdp")  # auto: choose_strategy decides from the memory plan
 T = TypeVar("T")
