@@ -88,10 +88,10 @@ def fit(model: CausalLM, tokenizer: Any, dataset: str | Path, **kwargs: Any) -> 
 def save_pretrained(model: CausalLM, tokenizer: Any, out_dir: str | Path, merged: bool = False) -> Path:
     """Write the PEFT adapter (or, with merged=True, the merged model in HF layout) and the tokenizer."""
     out = Path(out_dir)
-    if merged or not hasattr(model, "lora_config"):
+    if merged or model.lora_config is None:
         from velotune.export.hf import save_hf
 
         return save_hf(merge_lora(model), tokenizer, out)
-    save_adapter(model, out, base_model=getattr(model, "source", None))
+    save_adapter(model, out, base_model=model.source)
     tokenizer.save_pretrained(str(out))
     return out

@@ -85,7 +85,7 @@ def test_export_that_does_not_reproduce_the_model_is_refused(peaked, tmp_path, m
         for name, layer in lora_layers(shadow).items():
             parent, _, leaf = name.rpartition(".")
             setattr(shadow.get_submodule(parent), leaf, layer.base_layer)
-        del shadow.lora_config
+        shadow.lora_config = None
         return shadow
 
     monkeypatch.setattr(saving_mod, "merged_copy", drop_adapters)  # simulate a broken merge (test only)

@@ -191,8 +191,7 @@ class FastLanguageModel:
         if max_seq_length is not None:
             tokenizer.model_max_length = max_seq_length
         lm.gradient_checkpointing = _CHECKPOINTING[use_gradient_checkpointing]
-        model = VelotuneForCausalLM(lm, max_seq_length)
-        model.full_finetuning = full_finetuning
+        model = VelotuneForCausalLM(lm, max_seq_length, full_finetuning)
         return model, tokenizer
 
     @staticmethod

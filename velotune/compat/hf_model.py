@@ -84,7 +84,7 @@ def hf_config(lm: CausalLM) -> Any:
     fields.pop("transformers_version", None)
     fields["model_type"] = fields.get("model_type", lm.config.model_type)
     config = AutoConfig.for_model(**fields)
-    config._name_or_path = str(getattr(lm, "source", "") or "")
+    config._name_or_path = lm.source or ""
     config.use_cache = True
     return config
 
@@ -138,7 +138,7 @@ class VelotuneForCausalLM(nn.Module):
     supports_gradient_checkpointing = True
     _is_velotune = True
 
-    def __init__(self, lm: CausalLM, max_seq_length: int | None = None) -> None:
+    def __init__(self, lm: CausalLM, max_seq_length: int | None = None, full_finetuning: bool = False) -> None:
         from transformers import GenerationConfig
 
         super().__init__()
@@ -146,7 +146,7 @@ class VelotuneForCausalLM(nn.Module):
         self.config = hf_config(lm)
         self.generation_config = GenerationConfig.from_model_config(self.config)
         self.max_seq_length = max_seq_length
-        self.full_finetuning = False
+        self.full_finetuning = full_finetuning  # loaded to train every weight: get_peft_model refuses it
         self.model_tags: list[str] = []
         # transformers' name: keys a checkpoint leaves out and tie_weights() restores after loading
         self._keys_to_ignore_on_save = ["model.lm_head.weight"] if lm.config.tie_word_embeddings else None
@@ -249,7 +249,7 @@ class VelotuneForCausalLM(nn.Module):
 
     @property
     def has_lora(self) -> bool:
-        return hasattr(self.model, "lora_config")
+        return self.model.lora_config is not None
 
     # ---- activation checkpointing ---------------------------------------------------------------------------
 

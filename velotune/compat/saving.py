@@ -155,7 +155,7 @@ def save_adapter_or_model(wrapper: VelotuneForCausalLM, save_directory: str | Pa
     dest = Path(save_directory)
     with _staging(dest) as tmp:
         if wrapper.has_lora:
-            save_adapter(wrapper.model, tmp, base_model=getattr(wrapper.model, "source", None))
+            save_adapter(wrapper.model, tmp, base_model=wrapper.model.source)
         else:
             dtype = wrapper.model.dtype
             save_hf(merged_copy(wrapper.model), None, tmp / "m", dtype=dtype)

@@ -31,7 +31,7 @@ def gguf_stem(source: str | Path | None) -> str:
 
 def merged_copy(model: CausalLM) -> CausalLM:
     """The model with LoRA merged into its weights; the original keeps its adapter."""
-    return merge_lora(copy.deepcopy(model)) if hasattr(model, "lora_config") else model
+    return merge_lora(copy.deepcopy(model)) if model.lora_config is not None else model
 
 
 _GGUF_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what export_gguf reads from safetensors
@@ -53,7 +53,7 @@ def export_gguf_files(
     """GGUF files (one per quant type) and an Ollama Modelfile for the first, in `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = gguf_stem(getattr(model, "source", None))
+    stem = gguf_stem(model.source)
     merged = merged_copy(model)
     with tempfile.TemporaryDirectory(dir=out, prefix=".hf-") as tmp:
         save_hf(merged, tokenizer, Path(tmp) / "hf", dtype=intermediate_dtype(merged))

@@ -121,6 +121,5 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if fp8:
         dequantize_model(model, kinds=(LinearFP8,))  # FP8 layers without an adapter
         model.quantization = None
-    if hasattr(model, "lora_config"):
-        del model.lora_config
+    model.lora_config = None
     return model

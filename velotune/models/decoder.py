@@ -8,6 +8,7 @@ replaces is called through velotune.kernels, never inlined here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -387,6 +388,10 @@ class CausalLM(nn.Module):
         self.gradient_checkpointing: bool | str = False  # False | True (recompute) | "offload" (+ inputs on host)
         self.checkpoint_layers = 1.0  # fraction of layers checkpointed (spread evenly); the rest keep activations
         self.mlp_tile_tokens: int | str | None = "auto"  # MLP tile (tokens), None: untiled; see mlp_tile()
+        # what a loaded model carries, set by the loader, the quantizer and lora.apply
+        self.source: str | None = None  # the checkpoint it was loaded from
+        self.quantization: str | None = None  # the base's storage: "nf4" | "int8" | "fp8" | None (16/32-bit)
+        self.lora_config: Any = None  # lora.apply.LoRAConfig once adapters are attached (None: none)
         for name, inv_freq in rope_buffers(cfg).items():  # inv_freq (+ inv_freq_local, inv_freq_long)
             self.register_buffer(name, inv_freq, persistent=False)
         self.rope_scale = {local: attention_factor(cfg, local) for local in (False, True)}  # yarn/longrope

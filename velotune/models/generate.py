@@ -354,7 +354,7 @@ def _graphs_possible(model: CausalLM, sharded: bool, rows: int) -> bool:
     from velotune.kernels.nf4_matmul import MAX_ROWS
 
     cfg = model.config
-    quant = getattr(model, "quantization", None)
+    quant = model.quantization
     return (
         model.device.type == "cuda"
         and not sharded

@@ -245,7 +245,7 @@ def run(
     )
     run_dir = resume_from.parent if resume_from and not cfg.train.output_dir else run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = cfg.to_flat() | {"model_name_or_path": getattr(model, "source", cfg.train.model_name_or_path)}
+    resolved = cfg.to_flat() | {"model_name_or_path": model.source or cfg.train.model_name_or_path}
     resolved["output_dir"] = str(run_dir)  # the directory actually used, so `--resume` finds it
     if resume_from:
         check_resume(resume_from, resolved, log)
