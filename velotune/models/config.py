@@ -41,6 +41,8 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    residual_scale: float = 1.0  # each sublayer's output is multiplied by this before the residual add (Granite)
+    logit_scale: float = 1.0  # the logits are divided by this (Granite's logits_scaling)
     sliding_window: int | None = None
     layer_types: list[str] | None = None  # per layer: "full_attention" | "sliding_attention"
     rope_local_theta: float | None = None  # rope base of sliding layers (Gemma 3); None: as global layers

@@ -237,6 +237,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
         self.mlp = MLP(cfg)
         self.sandwich = cfg.sandwich_norm
+        self.residual_scale = cfg.residual_scale
         if self.sandwich:  # Gemma: post_attention_layernorm closes attention; these two wrap the MLP
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
@@ -254,10 +255,15 @@ class DecoderLayer(nn.Module):
         mlp_tile: tokens per MLP tile (None: the whole sequence at once)."""
         h = self.self_attn(self.input_layernorm(x), rope, masks, cache)
         if self.sandwich:  # the post-feedforward norm's backward needs the real MLP output
-            x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), tile=mlp_tile))
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x), need_output, mlp_tile)
+            x = x + self._scaled(self.post_attention_layernorm(h))
+            h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), tile=mlp_tile))
+            return x + self._scaled(h)
+        x = x + self._scaled(h)
+        return x + self._scaled(self.mlp(self.post_attention_layernorm(x), need_output, mlp_tile))
+
+    def _scaled(self, h: torch.Tensor) -> torch.Tensor:
+        """A sublayer's output as it joins the residual stream."""
+        return h * self.residual_scale if self.residual_scale != 1.0 else h
 
 
 class DecoderModel(nn.Module):
@@ -453,7 +459,10 @@ class CausalLM(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        if self.config.logit_scale != 1.0:
+            logits = logits / self.config.logit_scale
+        logits = logits.float()
         cap = self.config.final_logit_softcap
         return cap * torch.tanh(logits / cap) if cap is not None else logits
 
@@ -492,7 +501,8 @@ class CausalLM(nn.Module):
             targets = shifted_targets(labels, position_ids)
             keep = targets.reshape(-1) != IGNORE_INDEX
             h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]  # [N, H] only tokens with a target
-            h = h / temperature if temperature != 1.0 else h
+            divide = temperature * self.config.logit_scale  # logits / d = (h / d) W^T: the chunked head sees h / d
+            h = h / divide if divide != 1.0 else h
             kept_targets = targets.reshape(-1)[keep]  # [N]
             cap = self.config.final_logit_softcap
             if return_logps:
