@@ -88,6 +88,13 @@ def _phi3(**kw):
     return Phi3Config(**SMALL, pad_token_id=0, eos_token_id=1, **kw)
 
 
+def _granite(**kw):
+    from transformers import GraniteConfig
+
+    multipliers = dict(embedding_multiplier=2.0, attention_multiplier=0.25, residual_multiplier=0.8, logits_scaling=1.5)
+    return GraniteConfig(**SMALL, tie_word_embeddings=True, **multipliers, **kw)
+
+
 def _phi3_longrope(**kw):
     """Phi-4-mini style: partial rotary and longrope; original context 16 < T so the long factors are in use."""
     rot_half = 64 // 4 // 2 // 2  # head_dim 16, partial 0.5 -> 8 rotary channels -> 4 factors
@@ -113,12 +120,13 @@ CASES = {
     "gemma2": _gemma2,
     "gemma3": _gemma3,
     "phi3": _phi3,
+    "granite": _granite,
     "phi3-longrope-partial": _phi3_longrope,
     "phi3-sliding": lambda: _phi3(sliding_window=8),
     "llama-linear-rope": lambda: _llama({"rope_type": "linear", "factor": 4.0}),
     "llama-yarn-rope": lambda: _llama({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
 }
-FAMILY_CASES = ["qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3"]
+FAMILY_CASES = ["qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "granite"]
 
 
 def hf_model(case: str):

@@ -9,7 +9,7 @@ import torch
 
 from velotune.errors import UnsupportedArchitectureError
 from velotune.models.config import ModelConfig
-from velotune.models.families import gemma, llama, mistral, phi3, qwen2, qwen3
+from velotune.models.families import gemma, granite, llama, mistral, phi3, qwen2, qwen3
 from velotune.models.families.spec import FamilySpec
 
 _SPECS: tuple[FamilySpec, ...] = (
@@ -20,6 +20,7 @@ _SPECS: tuple[FamilySpec, ...] = (
     gemma.GEMMA2,
     gemma.GEMMA3,
     phi3.SPEC,
+    granite.SPEC,
 )
 
 FAMILIES: dict[str, FamilySpec] = {t: s for s in _SPECS for t in s.model_types}
