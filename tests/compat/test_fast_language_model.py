@@ -59,7 +59,6 @@ def test_get_peft_model_puts_lora_on_the_seven_projections(loaded_4bit):
     [
         ({"loftq_config": {"loftq_bits": 4}}, "loftq_config"),
         ({"bias": "all"}, "bias"),
-        ({"use_dora": True}, "use_dora"),
         ({"modules_to_save": ["lm_head", "embed_tokens"]}, "modules_to_save"),
         ({"layers_to_transform": [0]}, "layers_to_transform"),
         ({"init_lora_weights": "gaussian"}, "init_lora_weights"),
@@ -72,6 +71,16 @@ def test_get_peft_model_puts_lora_on_the_seven_projections(loaded_4bit):
 def test_unsupported_peft_arguments_raise_by_name(loaded_4bit, kwargs, named):
     with pytest.raises(ConfigError, match=named):
         FastLanguageModel.get_peft_model(copy.deepcopy(loaded_4bit[0]), r=8, **kwargs)
+
+
+def test_use_dora_adds_trainable_magnitudes_on_the_4bit_base(loaded_4bit):
+    """PEFT's use_dora: each projection trains A, B and a magnitude vector that starts at the base's row norms."""
+    model = FastLanguageModel.get_peft_model(copy.deepcopy(loaded_4bit[0]), r=8, use_dora=True)
+    trainable = {n.rsplit(".", 1)[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B", "lora_magnitude_vector"}
+    layer = next(iter(lora_layers(model.model).values()))
+    norms = layer.base_layer.dequantize(torch.float32).norm(dim=1)
+    torch.testing.assert_close(layer.lora_magnitude_vector.float(), norms, rtol=1e-4, atol=1e-6)
 
 
 def test_loftq_config_none_or_empty_is_plain_lora(loaded_4bit):

@@ -45,7 +45,6 @@ _UNSUPPORTED_LOAD_ARGS = {
 }
 _UNSUPPORTED_PEFT_ARGS = {
     "loftq_config": "LoftQ initialisation is not supported; drop loftq_config (QLoRA works with load_in_4bit=True)",
-    "use_dora": "DoRA is not supported; use plain LoRA (use_dora=False), optionally use_rslora=True",
     "bias": "only bias='none' is supported; LoRA trains no bias terms",
     "modules_to_save": "embeddings / lm_head cannot be trained with LoRA here; use full_finetuning=True",
     "layers_to_transform": "LoRA goes on every layer; restrict by target_modules instead",
@@ -56,7 +55,6 @@ _UNSUPPORTED_PEFT_ARGS = {
 }
 _PEFT_DEFAULTS: dict[str, Any] = {
     "loftq_config": (None, {}),
-    "use_dora": (False,),
     "bias": ("none",),
     "modules_to_save": (None,),
     "layers_to_transform": (None,),
@@ -206,13 +204,15 @@ class FastLanguageModel:
         random_state: int = 3407,
         max_seq_length: int | None = None,
         use_rslora: bool = False,
+        use_dora: bool = False,
         loftq_config: Any = None,
         **kwargs: Any,
     ) -> VelotuneForCausalLM:
         """Add trainable LoRA to the linear projections (in place; the same model is returned).
 
         use_gradient_checkpointing: True recomputes each layer in backward, "unsloth" also keeps the saved layer
-        inputs in host memory (velotune's "offload"), False keeps all activations.
+        inputs in host memory (velotune's "offload"), False keeps all activations. use_dora: PEFT's DoRA (a trained
+        magnitude per output feature; the adapter loads in PEFT).
         """
         given = {"bias": bias, "loftq_config": loftq_config, **kwargs}
         for name, value in given.items():
@@ -245,7 +245,12 @@ class FastLanguageModel:
             raise ConfigError(f"max_seq_length={max_seq_length} exceeds the model's context of {limit} tokens")
         torch.manual_seed(random_state)  # LoRA A is drawn from the global generator
         cfg = LoRAConfig(
-            r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, use_rslora=use_rslora
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=targets,
+            use_rslora=use_rslora,
+            use_dora=use_dora,
         )
         get_peft_model(model.model, cfg)
         model.model.gradient_checkpointing = _CHECKPOINTING[use_gradient_checkpointing]
