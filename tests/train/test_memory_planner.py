@@ -257,3 +257,14 @@ def test_checkpoint_layers_auto_takes_the_fewest_that_fit(monkeypatch):
 def test_checkpoint_layers_refuses_what_is_not_a_fraction_or_auto(value):
     with pytest.raises(ConfigError, match="gradient_checkpointing_layers.*auto"):
         run_config_from_dict({"gradient_checkpointing_layers": value})
+
+
+def test_dora_keeps_each_projections_output_for_its_magnitude():
+    """DoRA's extra saved activations: z [N, out] of q, k, v, o and down (gate and up reuse the fused MLP's
+    outputs), per token per layer, in 16-bit, under no checkpointing where every layer keeps them."""
+    lora, dora = (estimate(LLAMA_8B, Setting(checkpointing=None, dora=d)) for d in (False, True))
+    key = next(k for k in lora.parts if k.startswith("saved activations"))
+    per_token_layer = 4096 + 1024 + 1024 + 4096 + 4096  # q, k, v, o, down outputs
+    assert dora.parts[key] - lora.parts[key] == 32 * 2048 * per_token_layer * 2
+    run = run_config_from_dict({"model_name_or_path": "m", "use_dora": True})
+    assert setting_for(run, LLAMA_8B).dora

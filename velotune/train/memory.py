@@ -85,6 +85,7 @@ class Setting:
     quantization: str | None = None  # None | "nf4" | "int8" | "fp8"
     finetuning: str = "lora"  # lora | full | partial
     lora_r: int = 16
+    dora: bool = False  # DoRA keeps each projection's unscaled output for its magnitude's gradient
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     train_layers: int = 0  # partial: top layers trained
     optim: str = "adamw_torch"
@@ -199,7 +200,17 @@ def _attention_activation_values(cfg: ModelConfig, s: Setting) -> int:
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     sandwich = 2 * h if cfg.sandwich_norm else 0
     lora = s.lora_r * len(s.lora_targets) if s.finetuning == "lora" else 0
-    return 4 * h + 3 * q + 2 * kv + sandwich + lora
+    return 4 * h + 3 * q + 2 * kv + sandwich + lora + _dora_activation_values(cfg, s)
+
+
+def _dora_activation_values(cfg: ModelConfig, s: Setting) -> int:
+    """DoRA's extra values per token: z [N, out] of each targeted projection, except gate and up inside the fused
+    MLP, whose kept outputs serve as z already."""
+    if not (s.dora and s.finetuning == "lora"):
+        return 0
+    fused = {"gate_proj", "up_proj", "down_proj"} <= set(s.lora_targets)
+    shapes = linear_shapes(cfg)
+    return sum(shapes[t][1] for t in s.lora_targets if t in shapes and not (fused and t in ("gate_proj", "up_proj")))
 
 
 def _mlp_activation_values(cfg: ModelConfig, s: Setting) -> int:
@@ -434,6 +445,7 @@ def setting_for(run: RunConfig, model: ModelConfig) -> Setting:
         quantization=t.quantization,
         finetuning=t.finetuning,
         lora_r=run.lora.r,
+        dora=run.lora.use_dora,
         lora_targets=tuple(run.lora.target_modules),
         train_layers=layers_trained(t.train_layers, model.num_layers) if t.finetuning == "partial" else 0,
         optim=t.optim,
