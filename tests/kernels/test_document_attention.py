@@ -9,6 +9,7 @@ import torch
 from velotune.kernels.attention import (
     Documents,
     attention_reference,
+    dense_document_attention,
     document_attention,
     document_attention_split,
     flex_attention,
@@ -56,6 +57,18 @@ def _check(fn, docs, window, softcap, device, rtol=1e-5, atol=1e-5):
 @pytest.mark.parametrize("softcap", [None, 2.0])
 def test_split_equals_dense_reference(window, softcap):
     _check(document_attention_split, _documents(ROWS, "cpu"), window, softcap, "cpu")
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_dense_mask_path_equals_dense_reference(window):
+    """CUDA's path for rows of up to DENSE_MASK_MAX_TOKENS (SDPA with the documents' [T x T] mask), run on CPU."""
+    _check(
+        lambda q, k, v, d, w, s, c: dense_document_attention(q, k, v, d, w, s),
+        _documents(ROWS, "cpu"),
+        window,
+        None,
+        "cpu",
+    )
 
 
 def test_rows_sharing_boundaries_run_together():

@@ -187,8 +187,30 @@ def document_attention(
     never forming a [T x T] mask: FlexAttention on CUDA, each document alone elsewhere. q [B, Hq, T, D], k/v
     [B, Hk, T, D]; docs None is one document per row."""
     if q.is_cuda and flex_attention is not None:
+        if softcap is None and q.shape[2] <= DENSE_MASK_MAX_TOKENS:
+            return dense_document_attention(q, k, v, docs, window, scale)
         return flex_document_attention(q, k, v, docs, window, scale, softcap)
     return document_attention_split(q, k, v, docs, window, scale, softcap)
+
+
+# On CUDA, rows up to this length keep SDPA with a boolean [T x T] mask (at most 16 MiB per row; SDPA's kernels,
+# no compilation per length), as before FlexAttention took document masks: until FlexAttention's document path is
+# measured against it on the GPU, only longer rows, where the mask itself costs memory, take FlexAttention.
+DENSE_MASK_MAX_TOKENS = 4096
+
+
+def dense_document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents | None, window: int | None, scale: float
+) -> torch.Tensor:
+    """document_attention through SDPA with a boolean mask [B, 1, T, T] built from the document ids."""
+    i = torch.arange(q.shape[2], device=q.device)
+    keep = i[None, :] <= i[:, None]  # [T, T] causal
+    if window is not None:
+        keep = keep & (i[:, None] - i[None, :] < window)
+    mask = keep[None]  # [1, T, T]
+    if docs is not None and docs.ids is not None:
+        mask = mask & (docs.ids[:, :, None] == docs.ids[:, None, :])  # [B, T, T] same document
+    return attention(q, k, v, mask[:, None], False, scale)
 
 
 # FlexAttention's default tiles for head dim 256 are small (64 x 64 forward, 32/64 backward with 4 warps): on an
