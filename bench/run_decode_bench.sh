@@ -2,7 +2,8 @@
 # One device call for issue 19's generation table: the NF4 GEMV's GPU tests, its tile sweep on Llama-3.1-8B's
 # projection shapes (bench/decode_check.py), then bench_generate for bf16 (velotune and transformers at batch 1, 16,
 # 64, 256) and NF4 (velotune at all four, transformers + bitsandbytes at HF_NF4_BATCHES) into $OUT/results.jsonl
-# and $OUT/table.md.  ~9 min on an H200. Carry bench/carry/dpo (bash bench/prepare_dpo_wheels.sh) for bitsandbytes.   STEPS=1 adds decode_check's per-step split (loop vs graph replay).
+# and $OUT/table.md; ~9 min on an H200. Carry bench/carry/dpo (bash bench/prepare_dpo_wheels.sh) for bitsandbytes.
+# STEPS=1 adds decode_check's per-step split (loop vs graph replay).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

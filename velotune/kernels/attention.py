@@ -183,8 +183,9 @@ def document_attention(
     scale: float,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Causal attention of a full sequence (no KV cache) within packed documents and an optional sliding window,
-    never forming a [T x T] mask: FlexAttention on CUDA, each document alone elsewhere. q [B, Hq, T, D], k/v
+    """Causal attention of a full sequence (no KV cache) within packed documents and an optional sliding window. Rows
+    up to DENSE_MASK_MAX_TOKENS (CUDA) / DENSE_MASK_MAX_TOKENS_CPU (padded or packed, CPU) take SDPA with a [T x T]
+    mask; longer ones never form it: FlexAttention on CUDA, each document alone elsewhere. q [B, Hq, T, D], k/v
     [B, Hk, T, D]; docs None is one document per row."""
     multi = docs is not None and docs.ids is not None
     if q.is_cuda and flex_attention is not None:

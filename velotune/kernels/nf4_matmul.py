@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from velotune.kernels._triton import next_power_of_2, tl, triton, use_triton
+from velotune.kernels._triton import next_power_of_2, num_programs, tl, triton, use_triton
 
 MAX_ROWS = 16  # rows of x up to which the GEMV beats dequantization + cuBLAS
 # (BLOCK_N, absmax blocks per iteration, num_warps) by rows of x; split-K chosen from N below
@@ -121,9 +121,8 @@ def fused_applies(x: torch.Tensor, nf4: object) -> bool:
 
 def _split_k(n: int, block_n: int, blocks_per_row: int, device: torch.device) -> int:
     """K slices so that about four programs per multiprocessor stream weights (1 when N gives that alone)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     programs = triton.cdiv(n, block_n)
-    split = max(1, min(4 * sms // programs, blocks_per_row // 8))
+    split = max(1, min(num_programs(device, waves=4) // programs, blocks_per_row // 8))
     return next_power_of_2(split) if split > 1 else 1
 
 
@@ -132,10 +131,19 @@ def nf4_matmul(x: torch.Tensor, nf4: object, config: tuple[int, int, int, int] |
 
     The GEMV for at most MAX_ROWS rows on CUDA with Triton and K a multiple of the blocksize; otherwise
     dequantization + matmul. config (BLOCK_N, NB, num_warps, split_k) overrides the table (benchmarks)."""
+    y = nf4_gemv(x, nf4, config)
+    if y is not None:
+        return y
+    n, k = nf4.shape
+    return nf4_matmul_reference(x.reshape(-1, k), nf4).view(*x.shape[:-1], n)
+
+
+def nf4_gemv(x: torch.Tensor, nf4: object, config: tuple[int, int, int, int] | None = None) -> torch.Tensor | None:
+    """nf4_matmul through the GEMV, or None where it does not apply (see fused_applies)."""
     n, k = nf4.shape
     rows = x.reshape(-1, k)
     if not fused_applies(rows, nf4):
-        return nf4_matmul_reference(rows, nf4).view(*x.shape[:-1], n)
+        return None
     rows = rows.contiguous()
     m = rows.shape[0]
     block_m = next_power_of_2(m)

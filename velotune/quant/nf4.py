@@ -25,6 +25,7 @@ from torch import nn
 
 from velotune.errors import QuantizationError
 from velotune.kernels.nf4 import absmax_reference, dequantize_nf4
+from velotune.kernels.nf4_matmul import nf4_gemv
 from velotune.models.frozen import FrozenQuantLinear
 
 # The 16 NF4 values: quantiles of N(0, 1) scaled to [-1, 1] with an exact zero (QLoRA, Dettmers et al. 2023, App. E).
@@ -233,10 +234,7 @@ class Linear4bit(FrozenQuantLinear):
 
     def small_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
         """kernels/nf4_matmul's GEMV for at most MAX_ROWS rows on CUDA; None elsewhere."""
-        from velotune.kernels.nf4_matmul import fused_applies, nf4_matmul
-
-        nf4 = self.nf4
-        return nf4_matmul(x, nf4) if fused_applies(x.reshape(-1, self.in_features), nf4) else None
+        return nf4_gemv(x, self.nf4)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nf4 blocksize={self.blocksize}, double_quant={self.nf4.double_quant}"
